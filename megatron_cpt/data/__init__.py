@@ -1,0 +1,1 @@
+"""Data stages: JSONL reading, tokenized indexed shards, blending and selection."""

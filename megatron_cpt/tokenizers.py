@@ -107,7 +107,7 @@ MAX_NO_WHITESPACES_CHARS = 25_000
 # A run longer than Meta's limit of whitespace or non-whitespace chars (same classes as
 # str.isspace); only documents containing one need Meta's slow per-character splitter.
 _LONG_RUN = re.compile(
-    r"\s{%d,}|\S{%d,}" % (MAX_NO_WHITESPACES_CHARS + 1, MAX_NO_WHITESPACES_CHARS + 1)
+    rf"\s{{{MAX_NO_WHITESPACES_CHARS + 1},}}|\S{{{MAX_NO_WHITESPACES_CHARS + 1},}}"
 )
 
 

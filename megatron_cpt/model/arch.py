@@ -1,0 +1,247 @@
+"""Llama-family architecture: the few numbers that define a checkpoint, and their HF spelling.
+
+One dataclass is the contract between the trainer, the HF <-> Megatron converter, merging and
+evaluation: whatever is written into a checkpoint's metadata is ``LlamaArch.to_hf_config()``, and
+whatever a user points us at (an HF ``config.json``, a ``PretrainedConfig``) goes through
+``from_hf_config``. Presets are exactly the published HF configs, so a converted Meta checkpoint
+and a preset-built model agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from megatron_cpt.errors import UserError
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3.1 "llama3" RoPE frequency scaling (long context); HF ``rope_type: llama3``."""
+
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class LlamaArch:
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    vocab_size: int
+    max_position_embeddings: int = 8192
+    rope_theta: float = 500000.0
+    rope_scaling: RopeScaling | None = None
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    extra: dict = field(default_factory=dict, compare=False, hash=False)  # bos/eos ids etc.
+
+    @property
+    def kv_channels(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> LlamaArch:
+        def bad(msg: str):
+            raise UserError(f"model architecture: {msg}")
+
+        for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads"):
+            if getattr(self, name) <= 0:
+                bad(f"{name} must be positive, got {getattr(self, name)}")
+        if self.num_query_groups <= 0 or self.num_attention_heads % self.num_query_groups:
+            bad(
+                f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
+                f"num_query_groups ({self.num_query_groups})"
+            )
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads:
+            bad(
+                f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                f"({self.num_attention_heads}); give head_dim explicitly"
+            )
+        if self.kv_channels % 2:
+            bad(f"head_dim ({self.kv_channels}) must be even for RoPE")
+        return self
+
+    def replace(self, **changes: Any) -> LlamaArch:
+        """A copy with some fields changed (``--num-layers`` etc. overrides on a preset)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def num_parameters(self, padded_vocab: int | None = None) -> int:
+        """Parameter count (for MFU and logs); untied output layer counted once more."""
+        vocab = padded_vocab or self.vocab_size
+        h, f, d = self.hidden_size, self.ffn_hidden_size, self.kv_channels
+        attn = h * self.num_attention_heads * d * 2 + h * self.num_query_groups * d * 2
+        mlp = 3 * h * f
+        per_layer = attn + mlp + 2 * h
+        emb = vocab * h * (1 if self.tie_word_embeddings else 2)
+        return self.num_layers * per_layer + emb + h
+
+    # ---- HF config.json ------------------------------------------------------------------
+
+    def to_hf_config(self) -> dict:
+        """A Llama ``config.json`` dict (transformers 4.x and 5.x both read these keys)."""
+        cfg = {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.ffn_hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_query_groups,
+            "head_dim": self.kv_channels,
+            "vocab_size": self.vocab_size,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rope_theta": float(self.rope_theta),
+            "rope_scaling": None,
+            "rms_norm_eps": self.norm_eps,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "hidden_act": "silu",
+            "attention_bias": False,
+            "attention_dropout": 0.0,
+            "mlp_bias": False,
+            "initializer_range": 0.02,
+            "use_cache": True,
+        }
+        if self.rope_scaling is not None:
+            cfg["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        cfg.update(self.extra)
+        return cfg
+
+
+_EXTRA_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype")
+
+
+def from_hf_config(config: dict | str | os.PathLike | Any) -> LlamaArch:
+    """Build a ``LlamaArch`` from an HF Llama config (dict, ``config.json`` path or directory,
+    or a ``PretrainedConfig``). Handles transformers 4 (``rope_theta``/``rope_scaling``) and 5
+    (``rope_parameters``) spellings."""
+    source = "config"
+    if isinstance(config, (str, os.PathLike)):
+        path = Path(config)
+        if path.is_dir():
+            path = path / "config.json"
+        source = str(path)
+        try:
+            config = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise UserError(f"{path}: HF config not found") from None
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    elif not isinstance(config, dict):
+        config = config.to_dict()
+
+    def need(key: str):
+        if key not in config or config[key] is None:
+            raise UserError(f"{source}: missing field '{key}' (not a Llama config?)")
+        return config[key]
+
+    model_type = config.get("model_type", "llama")
+    if model_type not in ("llama", "mistral"):
+        raise UserError(f"{source}: field 'model_type' is {model_type!r}; only Llama is supported")
+    if config.get("attention_bias") or config.get("mlp_bias"):
+        raise UserError(f"{source}: biased Llama variants (attention_bias/mlp_bias) unsupported")
+    if config.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{source}: field 'hidden_act' must be 'silu'")
+
+    rope = config.get("rope_parameters") or {}
+    scaling = config.get("rope_scaling") or (rope if rope.get("rope_type") == "llama3" else None)
+    theta = config.get("rope_theta") or rope.get("rope_theta") or 10000.0
+    rope_scaling = None
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind in (None, "default"):
+            rope_scaling = None
+        elif kind != "llama3":
+            raise UserError(f"{source}: field 'rope_scaling' type {kind!r} unsupported (llama3)")
+        else:
+            rope_scaling = RopeScaling(
+                factor=float(scaling["factor"]),
+                low_freq_factor=float(scaling["low_freq_factor"]),
+                high_freq_factor=float(scaling["high_freq_factor"]),
+                original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+            )
+    heads = int(need("num_attention_heads"))
+    hidden = int(need("hidden_size"))
+    head_dim = config.get("head_dim")
+    return LlamaArch(
+        num_layers=int(need("num_hidden_layers")),
+        hidden_size=hidden,
+        ffn_hidden_size=int(need("intermediate_size")),
+        num_attention_heads=heads,
+        num_query_groups=int(config.get("num_key_value_heads") or heads),
+        vocab_size=int(need("vocab_size")),
+        max_position_embeddings=int(config.get("max_position_embeddings", 8192)),
+        rope_theta=float(theta),
+        rope_scaling=rope_scaling,
+        norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+        tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+        head_dim=None if head_dim in (None, hidden // heads) else int(head_dim),
+        extra={k: config[k] for k in _EXTRA_KEYS if config.get(k) is not None},
+    ).validate()
+
+
+_LLAMA3_8B = LlamaArch(
+    num_layers=32,
+    hidden_size=4096,
+    ffn_hidden_size=14336,
+    num_attention_heads=32,
+    num_query_groups=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    norm_eps=1e-5,
+)
+
+PRESETS: dict[str, LlamaArch] = {
+    # meta-llama/Meta-Llama-3-8B config.json
+    "llama3-8b": _LLAMA3_8B,
+    # meta-llama/Meta-Llama-3-70B config.json
+    "llama3-70b": _LLAMA3_8B.replace(
+        num_layers=80, hidden_size=8192, ffn_hidden_size=28672, num_attention_heads=64
+    ),
+    # meta-llama/Llama-3.1-8B: same shapes, 128k context through llama3 RoPE scaling
+    "llama3.1-8b": _LLAMA3_8B.replace(
+        max_position_embeddings=131072, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192)
+    ),
+    "llama3.1-70b": _LLAMA3_8B.replace(
+        num_layers=80,
+        hidden_size=8192,
+        ffn_hidden_size=28672,
+        num_attention_heads=64,
+        max_position_embeddings=131072,
+        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
+    ),
+    # HuggingFaceTB/SmolLM2-135M(-Instruct) config.json
+    "smollm2-135m": LlamaArch(
+        num_layers=30,
+        hidden_size=576,
+        ffn_hidden_size=1536,
+        num_attention_heads=9,
+        num_query_groups=3,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def get_arch(name_or_path: str) -> LlamaArch:
+    """A preset name, or a path to an HF ``config.json`` / model directory."""
+    if name_or_path in PRESETS:
+        return PRESETS[name_or_path]
+    if os.path.exists(name_or_path):
+        return from_hf_config(name_or_path)
+    raise UserError(
+        f"unknown model {name_or_path!r}: use a preset ({', '.join(PRESETS)}) or a path to an "
+        "HF config.json"
+    )

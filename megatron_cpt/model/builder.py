@@ -1,0 +1,207 @@
+"""LlamaArch -> megatron-core ``TransformerConfig`` + layer spec -> ``GPTModel``.
+
+The mapping is the whole of "what makes a GPTModel a Llama": RMSNorm, SwiGLU (gated linear unit
+with SiLU), no biases, grouped-query attention, RoPE with the checkpoint's base (and Llama-3.1
+frequency scaling), and tied or untied output embeddings. The layer spec is Transformer Engine's
+on a GPU when TE imports (fused kernels, FP8), megatron-core's local one otherwise; both produce
+the same parameter names for dist_checkpointing, so checkpoints move between them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from megatron_cpt import platform
+from megatron_cpt.errors import UserError
+from megatron_cpt.model.arch import LlamaArch
+
+
+def padded_vocab_size(vocab_size: int, tp: int = 1, divisible_by: int = 128) -> int:
+    """Megatron-LM's vocab padding: a multiple of ``divisible_by * tp`` so every TP shard of the
+    embedding has the same, GEMM-friendly width. Extra rows are never the target of a label."""
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
+
+
+@dataclass
+class ModelBuildConfig:
+    """How (not what) to build: parallelism, precision and memory trade-offs."""
+
+    tensor_parallel: int = 1
+    pipeline_parallel: int = 1
+    context_parallel: int = 1
+    sequence_parallel: bool = False
+    bf16: bool = False
+    fp8_format: str | None = None  # "e4m3" | "hybrid", Transformer Engine only
+    recompute_activations: bool = False
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+    use_transformer_engine: bool | None = None  # None: when it imports (GPU only)
+    pipeline_dtype: torch.dtype | None = None
+
+
+def validate_parallelism(arch: LlamaArch, build: ModelBuildConfig, world_size: int) -> None:
+    """Config errors that megatron-core would only hit as an assert deep in model construction."""
+    tp, pp, cp = build.tensor_parallel, build.pipeline_parallel, build.context_parallel
+    for name, value in (("tensor", tp), ("pipeline", pp), ("context", cp)):
+        if value < 1:
+            raise UserError(f"--{name}-model-parallel-size must be >= 1, got {value}")
+    if world_size % (tp * pp * cp):
+        raise UserError(f"world size {world_size} is not divisible by TP*PP*CP = {tp}*{pp}*{cp}")
+    if arch.num_attention_heads % tp:
+        raise UserError(
+            f"--tensor-model-parallel-size {tp} does not divide num_attention_heads "
+            f"({arch.num_attention_heads})"
+        )
+    if arch.num_query_groups % tp:
+        raise UserError(
+            f"--tensor-model-parallel-size {tp} does not divide num_query_groups "
+            f"({arch.num_query_groups})"
+        )
+    if arch.ffn_hidden_size % tp:
+        raise UserError(
+            f"--tensor-model-parallel-size {tp} does not divide ffn_hidden_size "
+            f"({arch.ffn_hidden_size})"
+        )
+    if arch.num_layers % pp:
+        raise UserError(
+            f"--pipeline-model-parallel-size {pp} does not divide num_layers ({arch.num_layers})"
+        )
+    if build.sequence_parallel and not use_te(build):
+        raise UserError("--sequence-parallel needs Transformer Engine (a GPU with TE installed)")
+    if build.fp8_format and not use_te(build):
+        raise UserError("--fp8-format needs Transformer Engine (a GPU with TE installed)")
+    if build.fp8_format not in (None, "e4m3", "hybrid"):
+        raise UserError(f"--fp8-format must be e4m3 or hybrid, got {build.fp8_format!r}")
+
+
+def use_te(build: ModelBuildConfig) -> bool:
+    if build.use_transformer_engine is None:
+        return platform.have_transformer_engine()
+    if build.use_transformer_engine and not platform.have_transformer_engine():
+        raise UserError("Transformer Engine was requested but does not import (needs a GPU)")
+    return build.use_transformer_engine
+
+
+def build_transformer_config(arch: LlamaArch, build: ModelBuildConfig | None = None, **overrides):
+    """megatron-core ``TransformerConfig`` for a Llama. ``overrides`` go straight through."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    build = build or ModelBuildConfig()
+    arch.validate()
+    dtype = torch.bfloat16 if build.bf16 else torch.float32
+    kwargs = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        kv_channels=arch.kv_channels,
+        layernorm_epsilon=arch.norm_eps,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=build.init_method_std,
+        tensor_model_parallel_size=build.tensor_parallel,
+        pipeline_model_parallel_size=build.pipeline_parallel,
+        context_parallel_size=build.context_parallel,
+        sequence_parallel=build.sequence_parallel,
+        params_dtype=dtype,
+        bf16=build.bf16,
+        pipeline_dtype=build.pipeline_dtype or dtype,
+        attention_softmax_in_fp32=True,
+        apply_query_key_layer_scaling=False,
+        variable_seq_lengths=False,
+    )
+    if build.recompute_activations:
+        kwargs.update(recompute_granularity="selective")
+    if build.fp8_format:
+        kwargs.update(fp8=build.fp8_format)
+    kwargs.update(platform.model_config_overrides())
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def layer_spec(build: ModelBuildConfig):
+    from megatron.core.models.gpt import gpt_layer_specs
+
+    if use_te(build):
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+
+
+def build_model(
+    arch: LlamaArch,
+    config,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    build: ModelBuildConfig | None = None,
+    vocab_size: int | None = None,
+    max_sequence_length: int | None = None,
+):
+    """A megatron-core ``GPTModel`` shaped like ``arch`` for this rank's pipeline stage.
+
+    ``pre_process``/``post_process`` default to whether this rank holds the first/last stage.
+    Llama-3.1 RoPE scaling is applied with all four HF parameters (megatron-core's GPTModel
+    only forwards ``factor`` and hard-codes the others), so logits match HF exactly.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    platform.apply_cpu_patches()
+    build = build or ModelBuildConfig(
+        tensor_parallel=config.tensor_model_parallel_size,
+        pipeline_parallel=config.pipeline_model_parallel_size,
+        bf16=config.bf16,
+    )
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    if vocab_size is None:
+        vocab_size = padded_vocab_size(
+            arch.vocab_size, config.tensor_model_parallel_size, build.make_vocab_size_divisible_by
+        )
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(build),
+        vocab_size=vocab_size,
+        max_sequence_length=max_sequence_length or arch.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=True,
+        share_embeddings_and_output_weights=arch.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=arch.rope_theta,
+    )
+    if arch.rope_scaling is not None:
+        rope = model.rotary_pos_emb
+        dim = arch.kv_channels
+        base = 1.0 / (
+            arch.rope_theta
+            ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim)
+        )
+        rope.inv_freq = rope._apply_scaling(
+            base,
+            factor=arch.rope_scaling.factor,
+            low_freq_factor=arch.rope_scaling.low_freq_factor,
+            high_freq_factor=arch.rope_scaling.high_freq_factor,
+            original_max_position_embeddings=arch.rope_scaling.original_max_position_embeddings,
+        )
+    if platform.has_cuda():
+        model.cuda(torch.cuda.current_device())
+    return model
+
+
+def build_model_chunks(arch: LlamaArch, config, build: ModelBuildConfig | None = None, **kwargs):
+    """The list of model chunks megatron-core's schedules and dist_checkpointing expect
+    (one chunk per rank; virtual pipeline stages are not used)."""
+    return [build_model(arch, config, build=build, **kwargs)]

@@ -1,0 +1,494 @@
+"""The one module that knows whether we run on CUDA or on a CPU.
+
+megatron-core 0.16.1 is written for NVIDIA GPUs: it allocates scratch tensors with
+``device="cuda"``, asks ``torch.cuda.current_device()`` where a tensor should live, keeps its
+model-parallel RNG streams in CUDA generators, and synchronises CUDA streams around pipeline
+sends. None of that is needed for the maths, so on a machine without CUDA we redirect those
+call sites to the CPU (measured one by one, see ``../shared/DESIGN.md``) and keep every other
+line of megatron-core unchanged. Everything else in the project asks this module for the
+device, the backend and the dtype, and never tests ``torch.cuda.is_available()`` itself.
+
+On CUDA nothing here patches anything: NCCL, the CUDA RNG tracker and (when it imports)
+Transformer Engine are used exactly as Megatron-LM does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import os
+import random
+import socket
+import sys
+import types
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+_CPU = torch.device("cpu")
+
+
+def has_cuda() -> bool:
+    """True when this process trains on a GPU (the only CUDA check in the project)."""
+    return torch.cuda.is_available()
+
+
+def device() -> torch.device:
+    """The device this rank computes on: ``cuda:LOCAL_RANK`` or the CPU."""
+    if has_cuda():
+        return torch.device("cuda", torch.cuda.current_device())
+    return _CPU
+
+
+def backend() -> str:
+    """NCCL between GPUs, gloo between CPU processes."""
+    return "nccl" if has_cuda() else "gloo"
+
+
+def have_transformer_engine() -> bool:
+    """Transformer Engine only helps (and only installs) with CUDA; FP8 needs it."""
+    if not has_cuda():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # a broken TE build must not stop bf16 training with the local spec
+        return False
+    return True
+
+
+def supports_bf16() -> bool:
+    """bf16 compute is what H100 runs need; CPU kernels exist but are slow, so we default to fp32."""
+    return has_cuda() and torch.cuda.is_bf16_supported()
+
+
+def synchronize() -> None:
+    """Wait for queued kernels (for honest timings); nothing to wait for on a CPU."""
+    if has_cuda():
+        torch.cuda.synchronize()
+
+
+def peak_flops_per_device(dtype: torch.dtype) -> float | None:
+    """Dense peak FLOP/s of the local accelerator for MFU, or None when unknown (CPUs)."""
+    if not has_cuda():
+        return None
+    name = torch.cuda.get_device_name()
+    # Dense (non-sparse) peaks from NVIDIA's data sheets.
+    table = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "B200": 2250e12}
+    for key, value in table.items():
+        if key in name:
+            return value * (2 if dtype == torch.float8_e4m3fn else 1)
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Process groups
+# --------------------------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
+    """Create the default process group; returns ``(rank, world_size)``. Idempotent.
+
+    Under torchrun the ``RANK``/``WORLD_SIZE``/``MASTER_*`` variables describe the job. A plain
+    ``python tools/pretrain.py`` (or a test) gets a one-rank group on a free local port, because
+    megatron-core calls ``torch.distributed.get_rank()`` even for one process (the blended
+    dataset builder does).
+    """
+    apply_cpu_patches()
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ["RANK"] = "0"
+        os.environ["WORLD_SIZE"] = "1"
+        os.environ.setdefault("LOCAL_RANK", "0")
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    if has_cuda():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    import datetime
+
+    dist.init_process_group(
+        backend=backend(),
+        rank=rank,
+        world_size=world,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+    return rank, world
+
+
+@dataclass(frozen=True)
+class ParallelSizes:
+    tensor: int = 1
+    pipeline: int = 1
+    context: int = 1
+
+
+_PARALLEL_SIZES: ParallelSizes | None = None
+
+
+def initialize_model_parallel(tp: int = 1, pp: int = 1, cp: int = 1) -> None:
+    """megatron-core's process-group grid (tp-cp-dp-pp). Re-initialises if the sizes change.
+
+    Gloo groups are always created: megatron-core uses them for CPU-side collectives (checkpoint
+    metadata, the distributed optimizer's gather) on GPU too.
+    """
+    global _PARALLEL_SIZES
+    from megatron.core import parallel_state
+
+    init_distributed()
+    sizes = ParallelSizes(tp, pp, cp)
+    if parallel_state.model_parallel_is_initialized():
+        if sizes == _PARALLEL_SIZES:
+            return
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        context_parallel_size=cp,
+        create_gloo_process_groups=True,
+    )
+    _PARALLEL_SIZES = sizes
+
+
+def destroy_distributed() -> None:
+    """Tear down the model-parallel grid and the default group (end of a run or a test)."""
+    global _PARALLEL_SIZES
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    _PARALLEL_SIZES = None
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def set_seed(seed: int, data_parallel_random_init: bool = False) -> None:
+    """Seed Python, NumPy, torch and megatron-core's model-parallel RNG streams.
+
+    Like Megatron-LM, pipeline stages get different seeds (``+100 * pp_rank``) so that their
+    layers are not initialised identically; tensor-parallel ranks are separated by the tracker.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    if data_parallel_random_init:
+        seed += 10 * parallel_state.get_data_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    apply_cpu_patches()
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------
+# RNG state (for exact resume)
+# --------------------------------------------------------------------------------------------
+
+
+def get_rng_state() -> dict:
+    """Every generator a training step draws from, so a resumed run repeats bit for bit."""
+    from megatron.core import tensor_parallel
+
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if has_cuda() else None,
+        "tracker": {
+            k: v.clone() if torch.is_tensor(v) else v
+            for k, v in tensor_parallel.get_cuda_rng_tracker().get_states().items()
+        },
+    }
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if has_cuda() and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(dict(state["tracker"]))
+
+
+# --------------------------------------------------------------------------------------------
+# CPU redirections of megatron-core's CUDA assumptions
+# --------------------------------------------------------------------------------------------
+
+
+def _cpu_device(dev):
+    """Map any CUDA device spelling (``"cuda"``, ``"cuda:0"``, ``0``, ``torch.device``) to CPU."""
+    if dev is None:
+        return None
+    if isinstance(dev, int) and not isinstance(dev, bool):
+        return _CPU
+    if isinstance(dev, str) and dev.startswith("cuda"):
+        return _CPU
+    if isinstance(dev, torch.device) and dev.type == "cuda":
+        return _CPU
+    return dev
+
+
+def _redirect_factory(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device(kwargs["device"])
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+class _NullStream:
+    """Stands in for ``torch.cuda.Stream``: on a CPU every op is already ordered."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *args, **kwargs):
+        pass
+
+    def wait_event(self, *args, **kwargs):
+        pass
+
+    def record_event(self, event=None):
+        return event or _NullEvent()
+
+    def synchronize(self):
+        pass
+
+
+class _NullEvent(_NullStream):
+    def record(self, *args, **kwargs):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+
+_FACTORIES = (
+    "tensor",
+    "as_tensor",
+    "zeros",
+    "ones",
+    "empty",
+    "full",
+    "arange",
+    "rand",
+    "randn",
+    "randint",
+    "empty_strided",
+    "zeros_like",
+    "ones_like",
+    "empty_like",
+    "full_like",
+)
+
+
+def _make_cpu_torch() -> types.ModuleType:
+    """A stand-in for the ``torch`` name inside megatron-core modules, used only without CUDA.
+
+    It is the real ``torch`` except for the calls megatron-core makes on the assumption that a
+    GPU is present (DESIGN.md, items 1, 3, 4, 6, 7):
+
+    - ``torch.cuda.current_device()`` -> the CPU device (rotary embedding, DDP grad buffers,
+      pipeline p2p shape tensors);
+    - ``device="cuda"`` in tensor factories -> CPU (the default causal mask, ``clip_grads``
+      norms, the optimizer's loss-scale/found-inf scalars, the schedule's token counter);
+    - ``torch.cuda.synchronize()`` / streams / events -> no-ops (p2p sync, DDP overlap streams,
+      ``current_stream()`` in grad sync).
+
+    Rebinding the module-level ``torch`` name per megatron-core module keeps the redirection out
+    of the real ``torch`` (user code and other libraries are unaffected) and out of megatron-core
+    source (no fork to maintain).
+    """
+    proxy = types.ModuleType("torch")
+    proxy.__dict__.update(torch.__dict__)
+    for name in _FACTORIES:
+        setattr(proxy, name, _redirect_factory(getattr(torch, name)))
+    cuda = types.ModuleType("torch.cuda")
+    cuda.__dict__.update(torch.cuda.__dict__)
+    cuda.current_device = lambda: _CPU
+    cuda.synchronize = lambda *a, **k: None
+    cuda.current_stream = lambda *a, **k: _NullStream()
+    cuda.default_stream = lambda *a, **k: _NullStream()
+    cuda.Stream = _NullStream
+    cuda.Event = _NullEvent
+    cuda.stream = lambda *a, **k: contextlib.nullcontext()
+    cuda.is_current_stream_capturing = lambda: False
+    proxy.cuda = cuda
+    proxy.__cpu_proxy__ = True
+    return proxy
+
+
+def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """megatron-core's version asserts ``torch.cuda.FloatTensor`` grads (DESIGN.md item 5) and
+    uses apex/TE's fused multi-tensor scale; the same scaling with torch's foreach kernels."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    grads = []
+    for param in parameters:
+        grad = getattr(param, attr, None)
+        if grad is not None:
+            grads.append(grad.detach())
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff < 1.0 and grads:
+        torch._foreach_mul_(grads, clip_coeff)
+
+
+_CPU_RNG_TRACKER_CLASS = None
+
+
+def _cpu_rng_tracker_class():
+    """megatron-core's model-parallel RNG tracker, backed by the CPU generator (item 2).
+
+    The tracker keeps named generator states ("model-parallel-rng" differs per TP rank so that
+    TP-sharded weights are initialised independently) and ``fork()`` swaps them in. On CUDA it
+    swaps the CUDA generator; here the CPU generator *is* the compute generator, so we swap that
+    one and skip the upstream "CPU RNG changed inside a GPU RNG context" check that would fire on
+    every fork.
+    """
+    global _CPU_RNG_TRACKER_CLASS
+    if _CPU_RNG_TRACKER_CLASS is not None:
+        return _CPU_RNG_TRACKER_CLASS
+    from megatron.core.tensor_parallel.random import CudaRNGStatesTracker
+
+    class CpuRNGStatesTracker(CudaRNGStatesTracker):
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name="model-parallel-rng"):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    _CPU_RNG_TRACKER_CLASS = CpuRNGStatesTracker
+    return CpuRNGStatesTracker
+
+
+# megatron-core modules on the training path; imported before patching so that their ``torch``
+# name is rebound (modules imported later are caught by the next ``apply_cpu_patches`` call).
+_MEGATRON_MODULES = (
+    "megatron.core.parallel_state",
+    "megatron.core.tensor_parallel",
+    "megatron.core.transformer.utils",
+    "megatron.core.transformer.attention",
+    "megatron.core.transformer.dot_product_attention",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding",
+    "megatron.core.models.gpt.gpt_model",
+    "megatron.core.optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.distributed",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.dist_checkpointing",
+    "megatron.core.dist_checkpointing.strategies.torch",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async",
+    "megatron.core.dist_checkpointing.strategies.async_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+    "megatron.core.dist_checkpointing.strategies.fully_parallel",
+)
+
+_CPU_TORCH: types.ModuleType | None = None
+
+
+def apply_cpu_patches() -> None:
+    """Redirect megatron-core's CUDA assumptions to the CPU. No-op with CUDA; idempotent.
+
+    Call it again after importing more of megatron-core: newly loaded modules get patched too.
+    """
+    global _CPU_TORCH
+    if has_cuda():
+        return
+    for name in _MEGATRON_MODULES:
+        importlib.import_module(name)
+    if _CPU_TORCH is None:
+        _CPU_TORCH = _make_cpu_torch()
+    for mod_name, mod in list(sys.modules.items()):
+        if mod_name.startswith("megatron.core") and getattr(mod, "torch", None) is torch:
+            mod.torch = _CPU_TORCH
+
+    # Item 5: the fp32 grad-type assert in clip_grads.
+    from megatron.core.optimizer import clip_grads, optimizer
+
+    clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+    optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+
+    # Item 2: model-parallel RNG streams on the CPU generator.
+    from megatron.core.tensor_parallel import random as mp_random
+
+    tracker_cls = _cpu_rng_tracker_class()
+    if not isinstance(mp_random._CUDA_RNG_STATE_TRACKER, tracker_cls):
+        mp_random._CUDA_RNG_STATE_TRACKER = tracker_cls()
+        mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    # ``force_reset_rng`` would replace our tracker with the CUDA one; keep the CPU class.
+    if not getattr(mp_random.initialize_rng_tracker, "__cpu_patched__", False):
+        upstream = mp_random.initialize_rng_tracker
+
+        def initialize_rng_tracker(*args, force_reset=False, **kwargs):
+            if force_reset or not mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED:
+                mp_random._CUDA_RNG_STATE_TRACKER = tracker_cls()
+                mp_random._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+                return None
+            return upstream(*args, **kwargs)
+
+        initialize_rng_tracker.__cpu_patched__ = True
+        mp_random.initialize_rng_tracker = initialize_rng_tracker
+
+
+def model_config_overrides() -> dict:
+    """TransformerConfig fields that differ between CUDA and CPU runs.
+
+    Fusions are CUDA kernels (apex/TE/triton); CPU initialisation avoids ``.cuda()`` in weight
+    init; pipeline p2p uses individual isend/irecv (gloo has no batched p2p) without CUDA syncs.
+    """
+    if has_cuda():
+        return {"use_cpu_initialization": False}
+    return {
+        "use_cpu_initialization": True,
+        "bias_activation_fusion": False,
+        "masked_softmax_fusion": False,
+        "persist_layer_norm": False,
+        "gradient_accumulation_fusion": False,
+        "apply_rope_fusion": False,
+        "bias_dropout_fusion": False,
+        "cross_entropy_loss_fusion": False,
+        "batch_p2p_comm": False,
+        "batch_p2p_sync": False,
+    }

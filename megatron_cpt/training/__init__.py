@@ -1,0 +1,1 @@
+"""Training on megatron-core: loop, optimizer/schedules, data blending, checkpoints, logging."""

@@ -1,0 +1,402 @@
+"""JSONL → megatron-core indexed shards, parallel and crash-safe.
+
+Design (why it looks like this):
+
+- The main process only reads raw lines and writes shards; workers do everything costly
+  (UTF-8 decoding, JSON parsing, sentence splitting, tokenization, numpy packing). Work moves in
+  chunks of ~1 MiB of raw lines so that each worker makes one *batch* tokenizer call per chunk;
+  Megatron-LM's one-document-per-task pool spends much of its time in IPC and per-call overhead.
+- Results come back in submission order with a bounded number of chunks in flight, so output is
+  byte-identical for any ``--workers`` and memory stays flat however large the corpus is.
+- A bad line is reported by the worker as data; the main process raises it in input order, so
+  the error is always the *first* bad line, whatever the worker count.
+- Shards are written through :class:`~megatron_cpt.data.indexed.IndexedWriter` under temporary
+  names; an error, Ctrl-C or SIGTERM removes them.
+- Each worker tokenizes single-threaded (HF ``tokenizers`` would otherwise start a thread pool per
+  process and oversubscribe the cores); parallelism is exactly ``--workers`` processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import signal
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from megatron_cpt.data.indexed import IndexedWriter, token_dtype
+from megatron_cpt.data.jsonl import (
+    EMPTY_DOCUMENT,
+    UNDECODABLE,
+    JsonlRecord,
+    expand_inputs,
+    get_text,
+    iter_raw_lines,
+    parse_line,
+    read_texts,
+)
+from megatron_cpt.data.sentences import SentenceSplitter, SentenceSplitterConfig
+from megatron_cpt.errors import BadInputError, UserError
+from megatron_cpt.tokenizers import Tokenizer, build_tokenizer
+
+
+@dataclass
+class PreprocessConfig:
+    inputs: list[str]
+    output_prefix: str
+    tokenizer_type: str
+    tokenizer_model: str
+    json_keys: tuple[str, ...] = ("text",)
+    workers: int = 1
+    append_eod: bool = False
+    split_sentences: bool = False
+    sentences: SentenceSplitterConfig = field(default_factory=SentenceSplitterConfig)
+    skip_bad_lines: bool = False
+    log_interval: int = 1000  # documents between progress lines; 0 = silent
+    chunk_bytes: int = 1 << 20  # raw input bytes per worker task
+
+
+def output_prefixes(config: PreprocessConfig) -> dict[str, str]:
+    """Megatron-LM's naming: ``{prefix}_{key}_{document|sentence}``."""
+    level = "sentence" if config.split_sentences else "document"
+    return {key: f"{config.output_prefix}_{key}_{level}" for key in config.json_keys}
+
+
+@dataclass
+class Chunk:
+    path: str
+    lines: list[tuple[int, bytes]]  # (1-based line number, raw bytes)
+    nbytes: int
+
+
+@dataclass
+class EncodedKey:
+    tokens: np.ndarray  # flat, already in the shard dtype
+    sequence_lengths: np.ndarray  # int32, one per sequence (document or sentence)
+    sequences_per_document: np.ndarray  # int64
+
+
+@dataclass
+class ChunkResult:
+    keys: list[EncodedKey]
+    skipped: Counter
+    nbytes: int
+    # (path, line, problem, reason) of the first bad line when not skipping; a tuple because
+    # exceptions with custom __init__ signatures do not survive pickling between processes.
+    error: tuple[str, int, str, str] | None = None
+
+
+def _has_lone_surrogate(raw: bytes, text: str) -> bool:
+    """JSON ``\\udXXX`` escapes can produce unpaired surrogates, which no tokenizer can encode."""
+    if b"\\ud" not in raw and b"\\uD" not in raw:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _is_empty(text: str) -> bool:
+    return not text or text.isspace()
+
+
+class ChunkEncoder:
+    """Turns one chunk of raw JSONL lines into packed token arrays, one per JSON key."""
+
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        json_keys: tuple[str, ...],
+        dtype: np.dtype,
+        *,
+        append_eod: bool,
+        skip_bad_lines: bool,
+        splitter: SentenceSplitter | None = None,
+    ):
+        self.tokenizer = tokenizer
+        self.json_keys = tuple(json_keys)
+        self.dtype = np.dtype(dtype)
+        self.append_eod = append_eod
+        self.skip_bad_lines = skip_bad_lines
+        self.splitter = splitter
+
+    def __call__(self, chunk: Chunk) -> ChunkResult:
+        skipped: Counter = Counter()
+        texts: list[list[str]] = [[] for _ in self.json_keys]
+        for number, raw in chunk.lines:
+            try:
+                obj = parse_line(chunk.path, number, raw)
+                record = JsonlRecord(chunk.path, number, obj, len(raw))
+                values = [get_text(record, key) for key in self.json_keys]
+                for key, value in zip(self.json_keys, values):
+                    if _has_lone_surrogate(raw, value):
+                        raise BadInputError(
+                            chunk.path,
+                            number,
+                            f"key {key!r} contains an unpaired surrogate escape (not valid Unicode)",
+                            UNDECODABLE,
+                        )
+            except BadInputError as err:
+                if not self.skip_bad_lines:
+                    return ChunkResult(
+                        [], skipped, chunk.nbytes, (err.path, err.line, err.problem, err.reason)
+                    )
+                skipped[err.reason] += 1
+                continue
+            for bucket, value in zip(texts, values):
+                bucket.append(value)
+        encoded = [self._encode_key(docs, skipped) for docs in texts]
+        return ChunkResult(encoded, skipped, chunk.nbytes)
+
+    def _encode_key(self, docs: list[str], skipped: Counter) -> EncodedKey:
+        kept = [d for d in docs if not _is_empty(d)]
+        if self.splitter is not None:
+            pieces = [self.splitter.split(d) for d in kept]
+            sequences = list(chain.from_iterable(pieces))
+            per_doc = np.fromiter(map(len, pieces), np.int64, count=len(pieces))
+        else:
+            sequences = kept
+            per_doc = np.ones(len(kept), np.int64)
+        ids = self.tokenizer.encode_batch(sequences) if sequences else []
+        lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
+        flat = np.fromiter(chain.from_iterable(ids), self.dtype, count=int(lengths.sum()))
+        nonzero = lengths > 0
+        if not nonzero.all():
+            # Megatron-LM drops sentences that tokenize to nothing; a document left with no
+            # tokens is empty and dropped as well.
+            doc_of_seq = np.repeat(np.arange(len(per_doc)), per_doc)
+            per_doc = np.bincount(doc_of_seq[nonzero], minlength=len(per_doc)).astype(np.int64)
+            lengths = lengths[nonzero]
+        empty = int(len(docs) - np.count_nonzero(per_doc))
+        if empty:
+            skipped[EMPTY_DOCUMENT] += empty
+            per_doc = per_doc[per_doc > 0]
+        if self.append_eod and len(per_doc):
+            last_seq = np.cumsum(per_doc) - 1
+            ends = np.cumsum(lengths)[last_seq]
+            flat = np.insert(flat, ends, np.asarray(self.tokenizer.eod, self.dtype))
+            lengths[last_seq] += 1
+        return EncodedKey(flat, lengths.astype(np.int32), per_doc)
+
+
+def iter_chunks(paths: Iterable[Path], chunk_bytes: int) -> Iterator[Chunk]:
+    """Group raw lines into chunks of about ``chunk_bytes``; never across files."""
+    for path in paths:
+        lines: list[tuple[int, bytes]] = []
+        size = 0
+        for number, raw in iter_raw_lines(path):
+            lines.append((number, raw))
+            size += len(raw)
+            if size >= chunk_bytes:
+                yield Chunk(str(path), lines, size)
+                lines, size = [], 0
+        if lines:
+            yield Chunk(str(path), lines, size)
+
+
+# Worker-process state: the encoder arrives once via the pool initializer, not with every task.
+_WORKER_ENCODER: ChunkEncoder | None = None
+
+
+def _init_worker(encoder: ChunkEncoder) -> None:
+    global _WORKER_ENCODER
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_ENCODER = encoder
+
+
+def _encode_in_worker(chunk: Chunk) -> ChunkResult:
+    return _WORKER_ENCODER(chunk)
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str):
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+def map_ordered(
+    encoder: ChunkEncoder, chunks: Iterable[Chunk], workers: int, in_flight: int | None = None
+) -> Iterator[ChunkResult]:
+    """``map(encoder, chunks)`` over ``workers`` processes, in order, with bounded look-ahead."""
+    if workers <= 1:
+        with _env("TOKENIZERS_PARALLELISM", "false"):
+            for chunk in chunks:
+                yield encoder(chunk)
+        return
+    in_flight = in_flight or 3 * workers
+    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # Set before forking: HF tokenizers otherwise warn in every child if the parent used threads.
+    with _env("TOKENIZERS_PARALLELISM", "false"):
+        pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(encoder,))
+    try:
+        pending: deque = deque()
+        for chunk in chunks:
+            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
+            if len(pending) >= in_flight:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+        pool.close()
+        pool.join()
+    finally:
+        pool.terminate()
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so the same cleanup as Ctrl-C runs."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    if not hasattr(signal, "SIGTERM") or signal.getsignal(signal.SIGTERM) is None:
+        yield
+        return
+    try:
+        previous = signal.getsignal(signal.SIGTERM)
+
+        def handler(signum, frame):
+            raise _Terminated()
+
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Progress:
+    """Throughput lines on stderr every ``interval`` documents."""
+
+    def __init__(self, interval: int, stream=None):
+        self.interval = interval
+        self.stream = stream or sys.stderr
+        self.start = time.perf_counter()
+        self.next_at = interval
+
+    def update(self, documents: int, tokens: int, nbytes: int) -> None:
+        if self.interval <= 0 or documents < self.next_at:
+            return
+        self.next_at = (documents // self.interval + 1) * self.interval
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        print(
+            f"processed {documents} documents | {documents / elapsed:.1f} docs/s | "
+            f"{tokens / elapsed:.0f} tokens/s | {nbytes / elapsed / 1e6:.2f} MB/s",
+            file=self.stream,
+            flush=True,
+        )
+
+
+def _train_splitter(config: PreprocessConfig, paths: list[Path]) -> SentenceSplitter:
+    sample = (
+        text
+        for _, text in read_texts([str(p) for p in paths], config.json_keys[0], skip_bad_lines=True)
+    )
+    return SentenceSplitter.train(sample, config.sentences)
+
+
+def run_preprocess(
+    config: PreprocessConfig,
+    tokenizer: Tokenizer | None = None,
+    progress_stream=None,
+    on_chunk: Callable[[int], None] | None = None,
+) -> dict:
+    """Tokenize ``config.inputs`` into one shard per JSON key; returns the summary dict."""
+    if config.workers < 1:
+        raise UserError(f"--workers {config.workers}: must be at least 1")
+    if not config.json_keys:
+        raise UserError("--json-keys: give at least one key")
+    if len(set(config.json_keys)) != len(config.json_keys):
+        raise UserError(f"--json-keys {' '.join(config.json_keys)}: keys repeat")
+    start = time.perf_counter()
+    paths = expand_inputs(config.inputs)
+    if tokenizer is None:
+        tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model)
+    dtype = token_dtype(tokenizer.vocab_size)
+    splitter = _train_splitter(config, paths) if config.split_sentences else None
+    encoder = ChunkEncoder(
+        tokenizer,
+        tuple(config.json_keys),
+        dtype,
+        append_eod=config.append_eod,
+        skip_bad_lines=config.skip_bad_lines,
+        splitter=splitter,
+    )
+    prefixes = output_prefixes(config)
+    skipped: Counter = Counter()
+    nbytes = documents = tokens = 0
+    progress = Progress(config.log_interval, progress_stream)
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_sigterm_as_interrupt())
+        writers = [stack.enter_context(IndexedWriter(prefixes[k], dtype)) for k in config.json_keys]
+        results = stack.enter_context(
+            contextlib.closing(
+                map_ordered(encoder, iter_chunks(paths, config.chunk_bytes), config.workers)
+            )
+        )
+        for result in results:
+            if result.error is not None:
+                raise BadInputError(*result.error)
+            skipped.update(result.skipped)
+            nbytes += result.nbytes
+            for writer, enc in zip(writers, result.keys):
+                writer.add_documents(enc.tokens, enc.sequence_lengths, enc.sequences_per_document)
+            documents = writers[0].documents
+            tokens = sum(w.tokens for w in writers)
+            progress.update(documents, tokens, nbytes)
+            if on_chunk is not None:
+                on_chunk(documents)
+        for writer in writers:
+            writer.finalize()
+    seconds = time.perf_counter() - start
+    outputs = {
+        key: {
+            "prefix": w.prefix,
+            "bin": f"{w.prefix}.bin",
+            "idx": f"{w.prefix}.idx",
+            "documents": w.documents,
+            "sequences": w.sequences,
+            "tokens": w.tokens,
+        }
+        for key, w in zip(config.json_keys, writers)
+    }
+    total_docs = sum(o["documents"] for o in outputs.values())
+    total_tokens = sum(o["tokens"] for o in outputs.values())
+    return {
+        "documents": total_docs,
+        "tokens": total_tokens,
+        "skipped": dict(sorted(skipped.items())),
+        "seconds": round(seconds, 3),
+        "documents_per_second": round(total_docs / seconds, 1),
+        "tokens_per_second": round(total_tokens / seconds, 1),
+        "input_mb_per_second": round(nbytes / seconds / 1e6, 3),
+        "input_files": [str(p) for p in paths],
+        "input_bytes": nbytes,
+        "workers": config.workers,
+        "tokenizer": {
+            "type": tokenizer.name,
+            "vocab_size": tokenizer.vocab_size,
+            "eod": tokenizer.eod,
+        },
+        "dtype": np.dtype(dtype).name,
+        "outputs": outputs,
+    }

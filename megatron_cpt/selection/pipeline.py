@@ -1,0 +1,384 @@
+"""The selection pipeline: read -> dedup -> score (cached) -> rank/sample -> write.
+
+Documents are streamed; only per-document metadata (location, id, scores) is held in memory, so
+the corpus may be far larger than RAM. Input files are read several times (index + dedup,
+scoring of what the cache lacks, writing the selection) instead of holding texts.
+
+Outputs, each written to a temporary name and renamed when complete:
+- the selected JSONL: the original input lines, byte for byte, in input order;
+- a scores JSONL: one row per document (file, line, id, duplicate_of, each metric, tokens,
+  ranking score, rank, selected);
+- a JSON summary: counts, token totals, metric distributions, duplicates removed, cache use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from megatron_cpt.data.jsonl import (
+    EMPTY_DOCUMENT,
+    BadInputError,
+    JsonlRecord,
+    expand_inputs,
+    get_text,
+    iter_raw_lines,
+    parse_line,
+)
+from megatron_cpt.errors import UserError
+from megatron_cpt.selection.cache import ScoreCache
+from megatron_cpt.selection.dedup import DedupConfig, NearDuplicateFilter
+from megatron_cpt.selection.perplexity import PerplexityConfig, PerplexityScorer
+from megatron_cpt.selection.pos_entropy import PosEntropyConfig, PosEntropyScorer
+from megatron_cpt.selection.sampling import Budget, combine, ranking_order, select
+from megatron_cpt.selection.similarity import SimilarityConfig, TaskSimilarityScorer
+from megatron_cpt.selection.tokens import TokenCounter, TokenCounterConfig
+
+METRICS = ("similarity", "perplexity", "pos-entropy", "random")
+#: ETS-DACP-com: the rank average of all three FinPythia metrics
+COMBINED = ("similarity", "perplexity", "pos-entropy")
+
+
+def parse_metrics(spec: str) -> tuple[str, ...]:
+    """``combined`` or a comma list of metrics (several are rank-averaged)."""
+    names = COMBINED if spec == "combined" else tuple(s.strip() for s in spec.split(",") if s)
+    bad = [m for m in names if m not in METRICS]
+    if bad or not names:
+        raise UserError(
+            f"--metric {spec}: unknown metric(s) {bad}; choose from {METRICS} or combined"
+        )
+    if len(set(names)) != len(names):
+        raise UserError(f"--metric {spec}: a metric is repeated")
+    return names
+
+
+@dataclass(frozen=True)
+class SelectionConfig:
+    inputs: tuple[str, ...]
+    output: str
+    budget: Budget
+    metrics: tuple[str, ...] = ("similarity",)
+    sampling: str = "hard"
+    seed: int = 0
+    text_key: str = "text"
+    id_key: str = "id"
+    scores_output: str | None = None  # default: <output stem>.scores.jsonl
+    summary_output: str | None = None  # default: <output stem>.summary.json
+    cache_dir: str | None = None  # default: <megatron_cpt cache>/selection_scores
+    chunk_size: int = 64  # documents per scoring call; the cache is flushed after each
+    skip_bad_lines: bool = False
+    progress: bool = True
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
+    perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
+    pos_entropy: PosEntropyConfig = field(default_factory=PosEntropyConfig)
+    tokens: TokenCounterConfig = field(default_factory=TokenCounterConfig)
+
+    def output_paths(self) -> tuple[Path, Path, Path]:
+        out = Path(self.output)
+        stem = out.name[: -len(".jsonl")] if out.name.endswith(".jsonl") else out.name
+        scores = Path(self.scores_output or out.with_name(stem + ".scores.jsonl"))
+        summary = Path(self.summary_output or out.with_name(stem + ".summary.json"))
+        return out, scores, summary
+
+
+@dataclass
+class Corpus:
+    """Per-document metadata of every readable input document, in input order."""
+
+    files: list[str] = field(default_factory=list)
+    file_hashes: list[str] = field(default_factory=list)
+    file_idx: list[int] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    ids: list[str | None] = field(default_factory=list)
+    duplicate_of: list[int | None] = field(default_factory=list)
+    skipped: Counter = field(default_factory=Counter)
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    def location(self, i: int) -> str:
+        return f"{self.files[self.file_idx[i]]}:{self.lines[i]}"
+
+
+def build_scorers(config: SelectionConfig) -> dict:
+    """Scorers are cheap to build (models load on first use), so errors surface up front."""
+    scorers: dict = {}
+    for metric in config.metrics:
+        if metric == "similarity":
+            scorers[metric] = TaskSimilarityScorer(config.similarity)
+        elif metric == "perplexity":
+            scorers[metric] = PerplexityScorer(config.perplexity)
+        elif metric == "pos-entropy":
+            scorers[metric] = PosEntropyScorer(config.pos_entropy)
+    scorers["tokens"] = TokenCounter(config.tokens)
+    return scorers
+
+
+def _records(path: str, config: SelectionConfig, skipped: Counter):
+    """``(record, text)`` for one file under the skip policy; empty texts are skipped."""
+    for number, raw in iter_raw_lines(path):
+        try:
+            record = JsonlRecord(path, number, parse_line(path, number, raw), len(raw))
+            text = get_text(record, config.text_key)
+            if not text.strip():
+                raise BadInputError(path, number, f"empty {config.text_key!r}", EMPTY_DOCUMENT)
+        except BadInputError as err:
+            if not config.skip_bad_lines:
+                raise UserError(f"{err} (pass --skip-bad-lines to skip such lines)") from None
+            skipped[err.reason] += 1
+            continue
+        yield record, raw, text
+
+
+def index_corpus(config: SelectionConfig, paths: list[Path]) -> Corpus:
+    """Pass 1: locate documents, hash file contents (the cache key), find near-duplicates."""
+    corpus = Corpus()
+    dedup = NearDuplicateFilter(config.dedup) if config.dedup.enabled else None
+    key_to_doc: dict[str, int] = {}
+    bar = tqdm(desc="index+dedup", unit="doc", disable=not config.progress)
+    for path in paths:
+        name = str(path)
+        digest = hashlib.sha256()
+        corpus.files.append(name)
+        for number, raw in iter_raw_lines(name):
+            digest.update(f"{number}\n".encode())
+            digest.update(raw)
+        corpus.file_hashes.append(digest.hexdigest())
+        for record, _, text in _records(name, config, corpus.skipped):
+            i = len(corpus.lines)
+            corpus.file_idx.append(len(corpus.files) - 1)
+            corpus.lines.append(record.line)
+            doc_id = record.obj.get(config.id_key)
+            corpus.ids.append(None if doc_id is None else str(doc_id))
+            dup = None
+            if dedup is not None:
+                key = f"{len(corpus.files) - 1}:{record.line}"
+                first = dedup.check(key, text)
+                if first is None:
+                    key_to_doc[key] = i
+                else:
+                    dup = key_to_doc[first]
+            corpus.duplicate_of.append(dup)
+            bar.update(1)
+    bar.close()
+    return corpus
+
+
+def score_corpus(config: SelectionConfig, corpus: Corpus, scorers: dict, root: Path) -> dict:
+    """Scores of kept documents per metric (NaN for duplicates), from the cache or computed."""
+    kept = [i for i in range(len(corpus)) if corpus.duplicate_of[i] is None]
+    by_file: dict[int, list[int]] = {}
+    for i in kept:
+        by_file.setdefault(corpus.file_idx[i], []).append(i)
+    results = {name: np.full(len(corpus), np.nan) for name in scorers}
+    stats = {name: {"cached": 0, "scored": 0} for name in scorers}
+    work = []  # (file index, {scorer: cache}, lines still to score per scorer)
+    for f, docs in by_file.items():
+        caches = {
+            name: ScoreCache(root, corpus.file_hashes[f], s.key, corpus.files[f])
+            for name, s in scorers.items()
+        }
+        missing = {}
+        for name, cache in caches.items():
+            todo = set()
+            for i in docs:
+                if corpus.lines[i] in cache:
+                    results[name][i] = cache.get(corpus.lines[i])
+                    stats[name]["cached"] += 1
+                else:
+                    todo.add(corpus.lines[i])
+            missing[name] = todo
+        if any(missing.values()):
+            work.append((f, caches, missing))
+    total = sum(len(t) for _, _, m in work for t in m.values())
+    bar = tqdm(total=total, desc="scoring", unit="score", disable=not config.progress or not total)
+    for f, caches, missing in work:
+        line_to_doc = {corpus.lines[i]: i for i in by_file[f]}
+        wanted = set().union(*missing.values())
+        chunk: list[tuple[int, str]] = []
+
+        def flush_chunk(chunk=chunk, caches=caches, missing=missing, line_to_doc=line_to_doc):
+            for name, cache in caches.items():
+                part = [(line, text) for line, text in chunk if line in missing[name]]
+                if not part:
+                    continue
+                values = scorers[name].score([text for _, text in part])
+                for (line, _), value in zip(part, values):
+                    cache.put(line, float(value))
+                    results[name][line_to_doc[line]] = float(value)
+                stats[name]["scored"] += len(part)
+                cache.flush()
+                bar.update(len(part))
+            chunk.clear()
+
+        for record, _, text in _records(corpus.files[f], config, Counter()):
+            if record.line in wanted:
+                chunk.append((record.line, text))
+                if len(chunk) >= config.chunk_size:
+                    flush_chunk()
+        flush_chunk()
+    bar.close()
+    return results, stats
+
+
+def _distribution(values: np.ndarray) -> dict:
+    ok = values[~np.isnan(values)]
+    out = {"count": int(len(ok)), "nan": int(len(values) - len(ok))}
+    if len(ok):
+        q = np.percentile(ok, [10, 25, 50, 75, 90])
+        out.update(
+            mean=float(ok.mean()),
+            std=float(ok.std()),
+            min=float(ok.min()),
+            p10=float(q[0]),
+            p25=float(q[1]),
+            p50=float(q[2]),
+            p75=float(q[3]),
+            p90=float(q[4]),
+            max=float(ok.max()),
+        )
+    return out
+
+
+class _AtomicWriter:
+    """Write to ``<name>.tmp-<pid>``; rename over ``name`` only when the block succeeds."""
+
+    def __init__(self, path: Path, mode: str):
+        self.path = path
+        self.tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        self.mode = mode
+
+    def __enter__(self):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        kwargs = {} if "b" in self.mode else {"encoding": "utf-8"}
+        self.fh = open(self.tmp, self.mode, **kwargs)
+        return self.fh
+
+    def __exit__(self, exc_type, exc, tb):
+        self.fh.close()
+        if exc_type is None:
+            os.replace(self.tmp, self.path)
+        else:
+            self.tmp.unlink(missing_ok=True)
+        return False
+
+
+def run_selection(config: SelectionConfig, scorers: dict | None = None) -> dict:
+    """Run the whole pipeline; returns the summary (also written to disk)."""
+    from megatron_cpt import assets
+
+    paths = expand_inputs(list(config.inputs))
+    out_path, scores_path, summary_path = config.output_paths()
+    for p in (out_path, scores_path, summary_path):
+        if p.resolve() in {q.resolve() for q in paths}:
+            raise UserError(f"output {p} would overwrite an input file")
+    if config.sampling not in ("hard", "soft"):
+        raise UserError(f"--sampling must be 'hard' or 'soft', got {config.sampling!r}")
+    scorers = scorers if scorers is not None else build_scorers(config)
+    root = Path(config.cache_dir) if config.cache_dir else assets.cache_dir() / "selection_scores"
+
+    corpus = index_corpus(config, paths)
+    if not len(corpus):
+        raise UserError(f"--input {' '.join(config.inputs)}: no documents with a text")
+    scores, cache_stats = score_corpus(config, corpus, scorers, root)
+    kept = np.array([d is None for d in corpus.duplicate_of])
+    kept_idx = np.flatnonzero(kept)
+    if "random" in config.metrics:
+        scores["random"] = np.full(len(corpus), np.nan)
+        scores["random"][kept_idx] = np.random.default_rng(config.seed).random(len(kept_idx))
+
+    metric_arrays = [scores[m][kept_idx] for m in config.metrics]
+    ranking_score = combine(metric_arrays)
+    tokens = scores["tokens"][kept_idx].astype(np.int64)
+    order, chosen = select(
+        ranking_score, config.sampling, config.budget, seed=config.seed, tokens=tokens
+    )
+    rank = np.empty(len(kept_idx), dtype=np.int64)
+    rank[ranking_order(ranking_score)] = np.arange(1, len(kept_idx) + 1)
+    selected = np.zeros(len(corpus), dtype=bool)
+    selected[kept_idx[chosen]] = True
+    full_score = np.full(len(corpus), np.nan)
+    full_score[kept_idx] = ranking_score
+    full_rank = np.zeros(len(corpus), dtype=np.int64)
+    full_rank[kept_idx] = rank
+
+    # Selected documents: original bytes, input order.
+    with _AtomicWriter(out_path, "wb") as fh:
+        doc = 0
+        for name in corpus.files:
+            for record, raw, _ in _records(name, config, Counter()):
+                if corpus.lines[doc] != record.line:
+                    raise UserError(f"{name} changed while it was being selected from; re-run")
+                if selected[doc]:
+                    fh.write(raw if raw.endswith(b"\n") else raw + b"\n")
+                doc += 1
+    with _AtomicWriter(scores_path, "w") as fh:
+        for i in range(len(corpus)):
+            dup = corpus.duplicate_of[i]
+            row = {
+                "file": corpus.files[corpus.file_idx[i]],
+                "line": corpus.lines[i],
+                "id": corpus.ids[i],
+                "duplicate_of": None if dup is None else (corpus.ids[dup] or corpus.location(dup)),
+            }
+            for m in (*config.metrics, "tokens"):
+                row[m] = _json_float(scores[m][i])
+            row["score"] = _json_float(full_score[i])
+            row["rank"] = int(full_rank[i]) if dup is None else None
+            row["selected"] = bool(selected[i])
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    sel_idx = kept_idx[chosen]
+    summary = {
+        "inputs": corpus.files,
+        "outputs": {"selected": str(out_path), "scores": str(scores_path)},
+        "config": {
+            "metrics": list(config.metrics),
+            "sampling": config.sampling,
+            "budget": asdict(config.budget),
+            "seed": config.seed,
+            "dedup": asdict(config.dedup),
+            "scorers": {name: s.key for name, s in scorers.items()},
+        },
+        "counts": {
+            "documents": len(corpus),
+            "bad_lines_skipped": dict(corpus.skipped),
+            "duplicates_removed": int((~kept).sum()),
+            "kept_after_dedup": int(len(kept_idx)),
+            "selected": int(len(sel_idx)),
+        },
+        "tokens": {
+            "unit": scorers["tokens"].unit,
+            "kept_after_dedup": int(tokens.sum()),
+            "selected": int(scores["tokens"][sel_idx].sum()),
+        },
+        "metrics": {
+            m: {
+                "kept": _distribution(scores[m][kept_idx]),
+                "selected": _distribution(scores[m][sel_idx]),
+            }
+            for m in (*config.metrics, "tokens")
+        },
+        "cache": {"dir": str(root), **{k: v for k, v in cache_stats.items()}},
+    }
+    if len(config.metrics) > 1:
+        summary["metrics"]["rank_average"] = {
+            "kept": _distribution(ranking_score),
+            "selected": _distribution(ranking_score[chosen]),
+        }
+    with _AtomicWriter(summary_path, "w") as fh:
+        json.dump(summary, fh, indent=2)
+        fh.write("\n")
+    return summary
+
+
+def _json_float(value: float):
+    return None if np.isnan(value) else float(value)

@@ -1,0 +1,1 @@
+"""The end-to-end CPT recipe (convert → preprocess → CPT → export → merge → evaluate → report)."""

@@ -1,0 +1,106 @@
+"""megatron-core distributed checkpoint (any TP/PP) -> HF directory loadable by transformers.
+
+Reads one group (embedding, one layer, head) of global tensors at a time straight from the
+``torch_dist`` files, maps it, and hands it to the shard writer: no model is built and peak
+memory is one layer plus one output shard, whatever the model size or the saved TP/PP.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_cpt.convert import mcore_checkpoint
+from megatron_cpt.convert.hf_writer import (
+    AtomicDirectory,
+    SafetensorsShardWriter,
+    ShardWriterConfig,
+)
+from megatron_cpt.convert.layout import tensor_layout
+from megatron_cpt.convert.mapping import MC_EMBED, mcore_group_names, mcore_to_hf_group
+from megatron_cpt.errors import UserError
+from megatron_cpt.model import from_hf_config
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ExportConfig:
+    load_dir: str
+    out_dir: str
+    tokenizer_from: str | None = None  # HF dir or .gguf; default: the one saved at import
+    dtype: str | None = None  # None: as stored in the checkpoint
+    max_shard_bytes: int = 2 * 1024**3
+    overwrite: bool = False
+
+
+def export_hf(cfg: ExportConfig) -> Path:
+    load = Path(cfg.load_dir)
+    meta = mcore_checkpoint.read_meta(load)
+    arch = from_hf_config(meta.arch)
+    reader = mcore_checkpoint.GlobalTensorReader(mcore_checkpoint.iteration_dir(load))
+    lay = tensor_layout(arch, padded_vocab_size=reader.global_shape(MC_EMBED)[0])
+    if cfg.dtype is not None and cfg.dtype not in _DTYPES:
+        raise UserError(f"--dtype {cfg.dtype}: choose one of {', '.join(_DTYPES)}")
+    dtype = _DTYPES[cfg.dtype] if cfg.dtype else None
+    side = load / mcore_checkpoint.HF_SIDE_DIR
+    tokenizer = _load_tokenizer(cfg.tokenizer_from, side / "tokenizer")
+
+    with AtomicDirectory(cfg.out_dir, overwrite=cfg.overwrite) as tmp:
+        writer = SafetensorsShardWriter(tmp, ShardWriterConfig(cfg.max_shard_bytes, dtype))
+        stored_dtype = None
+        for names in mcore_group_names(lay):
+            group = reader.read(names)
+            stored_dtype = stored_dtype or next(iter(group.values())).dtype
+            writer.add(mcore_to_hf_group(names, group.__getitem__, lay))
+            del group
+        writer.finish()
+        hf_config = _hf_config(arch, side / "config.json", dtype or stored_dtype)
+        hf_config.save_pretrained(tmp)
+        _generation_config(hf_config, side / "generation_config.json").save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(cfg.out_dir)
+
+
+def _hf_config(arch, side_config: Path, dtype: torch.dtype):
+    """The source checkpoint's own config when it still describes the weights (always, for a
+    converted-then-trained model): keeps every field users rely on (token ids, rope spelling)."""
+    from transformers import LlamaConfig
+
+    if side_config.exists():
+        source = json.loads(side_config.read_text())
+        if from_hf_config(source) == arch:
+            config = LlamaConfig.from_dict(source)
+            config.dtype = dtype
+            return config
+    config = LlamaConfig.from_dict(arch.to_hf_config())
+    config.dtype = dtype
+    return config
+
+
+def _generation_config(hf_config, side: Path):
+    from transformers import GenerationConfig
+
+    if side.exists():
+        return GenerationConfig.from_pretrained(side.parent)
+    return GenerationConfig.from_model_config(hf_config)
+
+
+def _load_tokenizer(source: str | None, saved: Path):
+    from transformers import AutoTokenizer
+
+    if source is None:
+        if not saved.exists():
+            return None
+        return AutoTokenizer.from_pretrained(saved)
+    path = Path(source)
+    try:
+        if path.suffix == ".gguf":
+            return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:
+        raise UserError(f"--tokenizer-from {source}: cannot load a tokenizer ({exc})") from None

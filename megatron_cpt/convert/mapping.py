@@ -1,0 +1,252 @@
+"""Name and layout mapping between HF Llama tensors and megatron-core ``GPTModel`` tensors.
+
+Everything here is a pure tensor function so it can be proven against a direct computation and
+reused by both directions and by any TP/PP layout. The megatron side is always the *global*
+(TP=1) view: megatron-core's ``sharded_state_dict`` describes every parameter by its global
+shape, so a checkpoint written from the global view loads at any TP/PP through
+``dist_checkpointing`` and re-sharding needs no code of ours.
+
+Layout facts the mapping encodes (each checked by logits parity in the tests):
+
+- ``linear_qkv`` is fused per query group: ``[q heads of group 0, k_0, v_0, q heads of group 1,
+  ...]``, so a contiguous TP split hands every rank whole groups.
+- ``linear_fc1`` is ``[gate; up]``; megatron-core's SwiGLU takes ``silu(first half) * second``.
+- HF Llama q/k weights are already in the rotate-half order that megatron-core's non-interleaved
+  ``apply_rotary_pos_emb`` uses, so no head permutation is needed (Meta's original checkpoints
+  were interleaved; HF's conversion script permuted them once, at import into HF).
+- Vocabulary rows are padded with zeros to a TP-divisible size on import and cut on export.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+
+from megatron_cpt.errors import UserError
+
+
+@dataclass(frozen=True)
+class TensorLayout:
+    """The shapes the mapping needs; derived from an HF config or the model arch."""
+
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    head_dim: int
+    ffn_hidden_size: int
+    vocab_size: int
+    padded_vocab_size: int
+    tie_word_embeddings: bool
+    # TE spec fuses the pre-attention / pre-MLP RMSNorm into the following linear; the local
+    # spec keeps them as separate modules. The checkpoint (sharded) keys are the TE names for
+    # both, but plain ``state_dict()`` keys differ, so the caller picks.
+    fused_norms: bool = False
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_query_groups:
+            raise UserError(
+                f"num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads={self.num_query_groups}"
+            )
+        if self.padded_vocab_size < self.vocab_size:
+            raise UserError(
+                f"padded_vocab_size={self.padded_vocab_size} < vocab_size={self.vocab_size}"
+            )
+
+    @property
+    def heads_per_group(self) -> int:
+        return self.num_attention_heads // self.num_query_groups
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor layout transforms
+
+
+def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: TensorLayout) -> torch.Tensor:
+    """HF q/k/v projections -> megatron's per-group interleaved ``linear_qkv`` weight."""
+    ng, hpg, hd = lay.num_query_groups, lay.heads_per_group, lay.head_dim
+    hidden = q.shape[-1]
+    q = q.reshape(ng, hpg * hd, hidden)
+    k = k.reshape(ng, hd, hidden)
+    v = v.reshape(ng, hd, hidden)
+    return torch.cat([q, k, v], dim=1).reshape(ng * (hpg + 2) * hd, hidden)
+
+
+def split_qkv(
+    qkv: torch.Tensor, lay: TensorLayout
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`fuse_qkv` (clones, so the result owns compact storage)."""
+    ng, hpg, hd = lay.num_query_groups, lay.heads_per_group, lay.head_dim
+    hidden = qkv.shape[-1]
+    grouped = qkv.reshape(ng, (hpg + 2) * hd, hidden)
+    q = grouped[:, : hpg * hd].reshape(ng * hpg * hd, hidden).clone()
+    k = grouped[:, hpg * hd : (hpg + 1) * hd].reshape(ng * hd, hidden).clone()
+    v = grouped[:, (hpg + 1) * hd :].reshape(ng * hd, hidden).clone()
+    return q, k, v
+
+
+def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return torch.cat([gate, up], dim=0)
+
+
+def split_gate_up(fc1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    gate, up = torch.chunk(fc1, 2, dim=0)
+    return gate.clone(), up.clone()
+
+
+def pad_vocab(weight: torch.Tensor, padded_vocab_size: int) -> torch.Tensor:
+    """Zero rows up to the padded size: padded token ids never occur in data."""
+    extra = padded_vocab_size - weight.shape[0]
+    if extra == 0:
+        return weight
+    return torch.cat([weight, weight.new_zeros(extra, *weight.shape[1:])], dim=0)
+
+
+def unpad_vocab(weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    return weight[:vocab_size].clone() if weight.shape[0] != vocab_size else weight
+
+
+# ---------------------------------------------------------------------------------------------
+# Names
+
+
+def hf_layer_names(i: int) -> dict[str, str]:
+    p = f"model.layers.{i}."
+    return {
+        "input_norm": p + "input_layernorm.weight",
+        "q": p + "self_attn.q_proj.weight",
+        "k": p + "self_attn.k_proj.weight",
+        "v": p + "self_attn.v_proj.weight",
+        "o": p + "self_attn.o_proj.weight",
+        "post_norm": p + "post_attention_layernorm.weight",
+        "gate": p + "mlp.gate_proj.weight",
+        "up": p + "mlp.up_proj.weight",
+        "down": p + "mlp.down_proj.weight",
+    }
+
+
+def mcore_layer_names(i: int, fused_norms: bool = False) -> dict[str, str]:
+    p = f"decoder.layers.{i}."
+    return {
+        "input_norm": p
+        + (
+            "self_attention.linear_qkv.layer_norm_weight"
+            if fused_norms
+            else "input_layernorm.weight"
+        ),
+        "qkv": p + "self_attention.linear_qkv.weight",
+        "o": p + "self_attention.linear_proj.weight",
+        "post_norm": p
+        + ("mlp.linear_fc1.layer_norm_weight" if fused_norms else "pre_mlp_layernorm.weight"),
+        "fc1": p + "mlp.linear_fc1.weight",
+        "fc2": p + "mlp.linear_fc2.weight",
+    }
+
+
+HF_EMBED = "model.embed_tokens.weight"
+HF_FINAL_NORM = "model.norm.weight"
+HF_LM_HEAD = "lm_head.weight"
+MC_EMBED = "embedding.word_embeddings.weight"
+MC_FINAL_NORM = "decoder.final_layernorm.weight"
+MC_OUTPUT = "output_layer.weight"
+
+
+# ---------------------------------------------------------------------------------------------
+# Groups: the unit of streaming. One group = embeddings, one transformer layer, or the head.
+
+Getter = Callable[[str], torch.Tensor]
+
+
+def hf_group_names(lay: TensorLayout) -> Iterator[list[str]]:
+    """HF tensor names by group, in the order a converter should stream them."""
+    yield [HF_EMBED]
+    for i in range(lay.num_layers):
+        yield list(hf_layer_names(i).values())
+    head = [HF_FINAL_NORM]
+    if not lay.tie_word_embeddings:
+        head.append(HF_LM_HEAD)
+    yield head
+
+
+def hf_to_mcore_group(names: list[str], get: Getter, lay: TensorLayout) -> dict[str, torch.Tensor]:
+    """Map one HF group (as yielded by :func:`hf_group_names`) to megatron global tensors."""
+    if names == [HF_EMBED]:
+        return {MC_EMBED: pad_vocab(get(HF_EMBED), lay.padded_vocab_size)}
+    if names[0] == HF_FINAL_NORM:
+        out = {MC_FINAL_NORM: get(HF_FINAL_NORM)}
+        if not lay.tie_word_embeddings:
+            out[MC_OUTPUT] = pad_vocab(get(HF_LM_HEAD), lay.padded_vocab_size)
+        return out
+    i = int(names[0].split(".")[2])
+    h, m = hf_layer_names(i), mcore_layer_names(i, lay.fused_norms)
+    return {
+        m["input_norm"]: get(h["input_norm"]),
+        m["qkv"]: fuse_qkv(get(h["q"]), get(h["k"]), get(h["v"]), lay),
+        m["o"]: get(h["o"]),
+        m["post_norm"]: get(h["post_norm"]),
+        m["fc1"]: fuse_gate_up(get(h["gate"]), get(h["up"])),
+        m["fc2"]: get(h["down"]),
+    }
+
+
+def mcore_group_names(lay: TensorLayout) -> Iterator[list[str]]:
+    yield [MC_EMBED]
+    for i in range(lay.num_layers):
+        yield list(mcore_layer_names(i, lay.fused_norms).values())
+    head = [MC_FINAL_NORM]
+    if not lay.tie_word_embeddings:
+        head.append(MC_OUTPUT)
+    yield head
+
+
+def mcore_to_hf_group(names: list[str], get: Getter, lay: TensorLayout) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`hf_to_mcore_group` for one megatron group."""
+    if names == [MC_EMBED]:
+        return {HF_EMBED: unpad_vocab(get(MC_EMBED), lay.vocab_size)}
+    if names[0] == MC_FINAL_NORM:
+        out = {HF_FINAL_NORM: get(MC_FINAL_NORM)}
+        if not lay.tie_word_embeddings:
+            out[HF_LM_HEAD] = unpad_vocab(get(MC_OUTPUT), lay.vocab_size)
+        return out
+    i = int(names[0].split(".")[2])
+    h, m = hf_layer_names(i), mcore_layer_names(i, lay.fused_norms)
+    q, k, v = split_qkv(get(m["qkv"]), lay)
+    gate, up = split_gate_up(get(m["fc1"]))
+    return {
+        h["input_norm"]: get(m["input_norm"]),
+        h["q"]: q,
+        h["k"]: k,
+        h["v"]: v,
+        h["o"]: get(m["o"]),
+        h["post_norm"]: get(m["post_norm"]),
+        h["gate"]: gate,
+        h["up"]: up,
+        h["down"]: get(m["fc2"]),
+    }
+
+
+def expected_hf_shapes(lay: TensorLayout) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor the layout implies, with its shape: the check a checkpoint must pass."""
+    hs, hd, ffn = lay.hidden_size, lay.head_dim, lay.ffn_hidden_size
+    shapes: dict[str, tuple[int, ...]] = {HF_EMBED: (lay.vocab_size, hs), HF_FINAL_NORM: (hs,)}
+    if not lay.tie_word_embeddings:
+        shapes[HF_LM_HEAD] = (lay.vocab_size, hs)
+    for i in range(lay.num_layers):
+        n = hf_layer_names(i)
+        shapes.update(
+            {
+                n["input_norm"]: (hs,),
+                n["q"]: (lay.num_attention_heads * hd, hs),
+                n["k"]: (lay.num_query_groups * hd, hs),
+                n["v"]: (lay.num_query_groups * hd, hs),
+                n["o"]: (hs, lay.num_attention_heads * hd),
+                n["post_norm"]: (hs,),
+                n["gate"]: (ffn, hs),
+                n["up"]: (ffn, hs),
+                n["down"]: (hs, ffn),
+            }
+        )
+    return shapes

@@ -1,0 +1,200 @@
+"""The converter's view of a megatron-core checkpoint directory.
+
+Layout (shared with the trainer): ``DIR/iter_0000000/`` holds the ``torch_dist`` files and
+``DIR/latest_checkpointed_iteration.txt`` names the iteration. The converter adds
+``DIR/conversion.json`` (architecture + vocabulary padding, so export and loading need no
+flags) and ``DIR/hf/`` (source config, generation config, tokenizer) so an export after
+training is a complete HF directory.
+
+Reading goes through megatron-core's ``dist_checkpointing.load`` with hand-made
+``ShardedTensor`` requests for one group (one layer) at a time: a checkpoint of any TP/PP is
+read as global tensors without building a model or holding more than one layer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
+from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from megatron_cpt import platform
+from megatron_cpt.errors import UserError
+
+META_NAME = "conversion.json"
+HF_SIDE_DIR = "hf"
+TRACKER = "latest_checkpointed_iteration.txt"
+
+
+@dataclass
+class ConversionMeta:
+    arch: dict  # LlamaArch.to_hf_config()
+    padded_vocab_size: int
+    tensor_parallel: int
+    pipeline_parallel: int
+    dtype: str
+    source: str
+
+
+def iteration_dir(ckpt_dir: Path) -> Path:
+    """The directory of the latest iteration (or ``ckpt_dir`` itself if it is one)."""
+    ckpt_dir = Path(ckpt_dir)
+    if (ckpt_dir / "metadata.json").exists():
+        return ckpt_dir
+    tracker = ckpt_dir / TRACKER
+    if not tracker.exists():
+        raise UserError(f"--load {ckpt_dir}: not a megatron checkpoint ({TRACKER} missing)")
+    text = tracker.read_text().strip()
+    if not text.isdigit():
+        raise UserError(f"{tracker}:1: expected an iteration number, got {text[:40]!r}")
+    path = ckpt_dir / f"iter_{int(text):07d}"
+    if not (path / "metadata.json").exists():
+        raise UserError(f"{path}: iteration directory missing or incomplete")
+    return path
+
+
+def prepare_dist_checkpointing() -> None:
+    """Import the lazily loaded save/load strategies first, so the platform layer can redirect
+    their device calls too (``apply_cpu_patches`` only reaches modules already imported)."""
+    import megatron.core.dist_checkpointing.strategies.filesystem_async  # noqa: F401
+    import megatron.core.dist_checkpointing.strategies.torch  # noqa: F401
+
+    platform.apply_cpu_patches()
+
+
+def save(out_dir: Path, model, arch, meta: ConversionMeta, iteration: int = 0) -> None:
+    from megatron.core import dist_checkpointing
+
+    prepare_dist_checkpointing()
+    path = Path(out_dir) / f"iter_{iteration:07d}"
+    path.mkdir(parents=True, exist_ok=True)
+    dist_checkpointing.save(model.sharded_state_dict(prefix=""), str(path))
+    (Path(out_dir) / TRACKER).write_text(f"{iteration}\n")
+    (Path(out_dir) / META_NAME).write_text(json.dumps(asdict(meta), indent=2) + "\n")
+
+
+def read_meta(ckpt_dir: Path) -> ConversionMeta:
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / META_NAME
+    if not path.exists():
+        raise UserError(f"--load {ckpt_dir}: {META_NAME} missing (not written by this converter?)")
+    try:
+        return ConversionMeta(**json.loads(path.read_text()))
+    except (ValueError, TypeError) as exc:
+        raise UserError(f"{path}: unreadable ({exc})") from None
+
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
+# Plain state-dict names of the local spec -> the (TE-style) names megatron-core checkpoints use.
+_SHARDED_ALIAS = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+
+
+def sharded_key(name: str) -> tuple[str, int | None]:
+    """``decoder.layers.3.mlp.linear_fc2.weight`` -> (``decoder.layers.mlp.linear_fc2.weight``, 3)."""
+    m = _LAYER.match(name)
+    if not m:
+        return name, None
+    rest = _SHARDED_ALIAS.get(m.group(2), m.group(2))
+    return f"decoder.layers.{rest}", int(m.group(1))
+
+
+class GlobalTensorReader:
+    """Reads global tensors of one iteration directory, a group at a time."""
+
+    def __init__(self, iter_dir: Path):
+        from torch.distributed.checkpoint import FileSystemReader
+
+        self.iter_dir = Path(iter_dir)
+        try:
+            md = FileSystemReader(str(self.iter_dir)).read_metadata()
+        except Exception as exc:
+            raise UserError(f"{self.iter_dir}: unreadable torch_dist metadata ({exc})") from None
+        self._meta = md.state_dict_metadata
+
+    def global_shape(self, key: str) -> tuple[int, ...]:
+        if key not in self._meta:
+            raise UserError(f"{self.iter_dir}: tensor {key} is not in the checkpoint")
+        return tuple(self._meta[key].size)
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        """Global tensors for plain state-dict ``names`` (one layer's slice of stacked keys)."""
+        import torch.distributed.checkpoint as dcp
+
+        regions = {}
+        out = {}
+        for name in names:
+            key, layer = sharded_key(name)
+            shape = self.global_shape(key)
+            dtype = self._meta[key].properties.dtype
+            if layer is None:
+                buf = torch.empty(shape, dtype=dtype)
+                offsets = (0,) * len(shape)
+                out[name] = buf
+            else:
+                if layer >= shape[0]:
+                    raise UserError(
+                        f"{self.iter_dir}: {key} has {shape[0]} layers, not {layer + 1}"
+                    )
+                buf = torch.empty((1, *shape[1:]), dtype=dtype)
+                offsets = (layer,) + (0,) * (len(shape) - 1)
+                out[name] = buf[0]
+            regions[(key, offsets)] = buf
+        dcp.load(
+            {},
+            storage_reader=dcp.FileSystemReader(str(self.iter_dir)),
+            planner=_RegionLoadPlanner(regions),
+            no_dist=True,
+        )
+        return out
+
+
+class _RegionLoadPlanner(LoadPlanner):
+    """A torch DCP load planner that fills caller-owned buffers with rectangular regions of
+    global checkpoint tensors (e.g. layer ``i`` of a layer-stacked key). DCP's resharding
+    helper computes which saved chunks overlap each region, so any saved TP/PP works.
+
+    megatron-core's own ``dist_checkpointing.load`` cannot do this in a one-process world: it
+    declares the regions it does not request as owned by "another rank", which is itself.
+    """
+
+    def __init__(self, regions: dict[tuple[str, tuple[int, ...]], torch.Tensor]):
+        self.regions = regions
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator=False):
+        self.metadata = metadata
+
+    def create_local_plan(self):
+        items = []
+        for (key, offsets), buf in self.regions.items():
+            chunk = ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(buf.shape))
+            items += create_read_items_for_chunk_list(
+                key, self.metadata.state_dict_metadata[key], [chunk]
+            )
+        return LoadPlan(items)
+
+    def create_global_plan(self, global_plan):
+        return global_plan
+
+    def finish_plan(self, central_plan):
+        return central_plan
+
+    def load_bytes(self, read_item, value):
+        raise RuntimeError(f"unexpected non-tensor item {read_item.dest_index.fqn}")
+
+    def resolve_tensor(self, read_item):
+        idx = read_item.dest_index
+        buf = self.regions[(idx.fqn, tuple(idx.offset))]
+        for dim, (start, length) in enumerate(zip(read_item.dest_offsets, read_item.lengths)):
+            buf = buf.narrow(dim, start, length)
+        return buf
+
+    def commit_tensor(self, read_item, tensor):
+        pass

@@ -1,0 +1,250 @@
+"""Training data: a weighted blend of token shards via megatron-core's dataset builders.
+
+megatron-core's ``BlendedMegatronDatasetBuilder`` + ``GPTDataset`` already do what CPT needs:
+exact per-dataset sample counts for the requested weights (the domain shards plus 1-5% replay),
+deterministic shuffling from a seed, and cached indices. We add what a CPT user asks for on top:
+Megatron-LM's ``--data-path`` parsing with clear errors, one validation set per name
+(``--valid-data-path sec=/data/sec_valid wiki=/data/wiki_valid``) so that domain gain and
+general-knowledge loss are visible separately, and a sampler that starts at
+``consumed_samples`` so a resumed run sees exactly the batches it would have seen.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from megatron_cpt.errors import UserError
+
+
+@dataclass
+class DataSettings:
+    data_path: list[str] = field(default_factory=list)  # [W1, P1, W2, P2, ...] or [P1, P2, ...]
+    split: str = "969,30,1"
+    valid_data_path: list[str] = field(default_factory=list)  # ["NAME=PREFIX", ...]
+    data_cache_path: str | None = None
+    seq_length: int = 2048
+    seed: int = 1234
+    eod_mask_loss: bool = False
+    reset_position_ids: bool = False
+    reset_attention_mask: bool = False
+    num_workers: int = 0
+
+
+def parse_blend(data_path: list[str], flag: str = "--data-path") -> tuple[list[str], list[float]]:
+    """Megatron-LM's ``--data-path`` grammar: ``W1 P1 W2 P2 ...``, or ``P1 P2 ...`` whose
+    weights are left None so that megatron-core weighs each prefix by its size."""
+    if not data_path:
+        raise UserError(f"{flag}: give at least one shard prefix")
+    items = [str(x) for x in data_path]
+
+    def is_number(text: str) -> bool:
+        try:
+            float(text)
+        except ValueError:
+            return False
+        return True
+
+    if len(items) == 1 or not is_number(items[0]):
+        numbers = [x for x in items if is_number(x)]
+        if numbers:
+            raise UserError(f"{flag}: mixes weights and prefixes ({numbers[0]!r}); use W1 P1 W2 P2")
+        return items, None  # type: ignore[return-value]
+    if len(items) % 2:
+        raise UserError(f"{flag}: expected weight/prefix pairs, got {len(items)} items")
+    weights, prefixes = [], []
+    for i in range(0, len(items), 2):
+        w, p = items[i], items[i + 1]
+        if not is_number(w):
+            raise UserError(f"{flag}: item {i + 1} should be a weight, got {w!r}")
+        if is_number(p):
+            raise UserError(f"{flag}: item {i + 2} should be a prefix, got {p!r}")
+        weight = float(w)
+        if not math.isfinite(weight) or weight < 0:
+            raise UserError(f"{flag}: weight {w!r} for {p} must be a finite number >= 0")
+        weights.append(weight)
+        prefixes.append(p)
+    if sum(weights) <= 0:
+        raise UserError(f"{flag}: weights sum to 0")
+    return prefixes, weights
+
+
+def parse_named(valid_data_path: list[str]) -> dict[str, str]:
+    named: dict[str, str] = {}
+    for item in valid_data_path:
+        name, sep, prefix = str(item).partition("=")
+        if not sep or not name or not prefix:
+            raise UserError(f"--valid-data-path: expected NAME=PREFIX, got {item!r}")
+        if name in named:
+            raise UserError(f"--valid-data-path: name {name!r} given twice")
+        named[name] = prefix
+    return named
+
+
+def check_prefix(prefix: str, flag: str) -> None:
+    """Both files must exist before any compute starts (megatron-core would assert later)."""
+    for ext in (".bin", ".idx"):
+        if not os.path.isfile(prefix + ext):
+            raise UserError(f"{flag}: {prefix}{ext} does not exist (shard prefix {prefix!r})")
+    try:
+        from megatron_cpt.data.indexed import validate_pair
+    except ImportError:  # pragma: no cover - the preprocessing module ships with the package
+        return
+    validate_pair(prefix)
+
+
+def parse_split(split: str) -> list[float]:
+    try:
+        parts = [float(x) for x in str(split).replace("/", ",").split(",")]
+    except ValueError:
+        raise UserError(f"--split: expected e.g. 969,30,1, got {split!r}") from None
+    parts = (parts + [0.0, 0.0, 0.0])[:3]
+    if any(p < 0 for p in parts) or sum(parts) <= 0 or parts[0] <= 0:
+        raise UserError(f"--split {split!r}: the train part must be > 0 and none negative")
+    return parts
+
+
+def _gpt_config(settings: DataSettings, tokenizer, **kwargs):
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
+
+    return GPTDatasetConfig(
+        random_seed=settings.seed,
+        sequence_length=settings.seq_length,
+        tokenizer=tokenizer,
+        reset_position_ids=settings.reset_position_ids,
+        reset_attention_mask=settings.reset_attention_mask,
+        eod_mask_loss=settings.eod_mask_loss,
+        create_attention_mask=settings.reset_attention_mask,  # causal mask is implicit otherwise
+        path_to_cache=settings.data_cache_path,
+        mmap_bin_files=True,
+        **kwargs,
+    )
+
+
+@dataclass
+class Datasets:
+    train: object
+    valid: dict[str, object]  # name -> dataset ("valid" is the --split part, if any)
+    train_prefixes: list[str]
+
+
+def build_datasets(
+    settings: DataSettings, tokenizer, train_samples: int, valid_samples: int
+) -> Datasets:
+    """Train blend plus validation sets, each sized in samples (sequences of seq_length)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDataset
+
+    prefixes, weights = parse_blend(settings.data_path)
+    for p in prefixes:
+        check_prefix(p, "--data-path")
+    named = parse_named(settings.valid_data_path)
+    for p in named.values():
+        check_prefix(p, "--valid-data-path")
+    split = parse_split(settings.split)
+    if "valid" in named and split[1] > 0:
+        raise UserError("--valid-data-path: the name 'valid' is taken by the --split valid part")
+
+    def always():
+        return True
+
+    want_split_valid = split[1] > 0 and valid_samples > 0
+    config = _gpt_config(
+        settings,
+        tokenizer,
+        blend=(prefixes, weights),
+        split=",".join(str(x) for x in split),
+    )
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        GPTDataset,
+        [train_samples, valid_samples if want_split_valid else 0, 0],
+        always,
+        config,
+    ).build()
+    valid_sets: dict[str, object] = {}
+    if want_split_valid and valid is not None:
+        valid_sets["valid"] = valid
+    for name, prefix in named.items():
+        cfg = _gpt_config(settings, tokenizer, blend_per_split=[None, ([prefix], None), None])
+        _, ds, _ = BlendedMegatronDatasetBuilder(
+            GPTDataset, [0, valid_samples, 0], always, cfg
+        ).build()
+        if ds is None or len(ds) == 0:
+            raise UserError(
+                f"--valid-data-path {name}={prefix}: too few tokens for one sequence of "
+                f"{settings.seq_length}"
+            )
+        valid_sets[name] = ds
+    return Datasets(train=train, valid=valid_sets, train_prefixes=prefixes)
+
+
+def realized_blend(train_dataset, num_samples: int, prefixes: list[str]) -> dict[str, float]:
+    """Fraction of the first ``num_samples`` training samples drawn from each prefix."""
+    index = getattr(train_dataset, "dataset_index", None)
+    if index is None:  # a single dataset, no blend
+        return {prefixes[0]: 1.0}
+    counts = np.bincount(np.asarray(index[:num_samples]), minlength=len(prefixes))
+    total = max(int(counts.sum()), 1)
+    return {p: float(c) / total for p, c in zip(prefixes, counts)}
+
+
+class MicroBatches:
+    """Megatron-LM's pretraining sampler: global batch ``k`` is samples
+    ``[consumed + k*gbs, consumed + (k+1)*gbs)``, split into micro-batches of ``mbs * dp``
+    consecutive samples of which this DP rank takes its slice. Starting from
+    ``consumed_samples`` makes a resumed run continue on exactly the next sample."""
+
+    def __init__(
+        self,
+        dataset,
+        consumed_samples: int,
+        micro_batch_size: int,
+        dp_rank: int,
+        dp_size: int,
+        wrap: bool = False,
+    ):
+        self.dataset = dataset
+        self.next_sample = consumed_samples
+        self.mbs = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.wrap = wrap
+
+    def __iter__(self) -> Iterator[dict]:
+        return self
+
+    def __next__(self) -> dict:
+        start = self.next_sample + self.dp_rank * self.mbs
+        n = len(self.dataset)
+        if not self.wrap and self.next_sample + self.mbs * self.dp_size > n:
+            raise StopIteration
+        samples = [self.dataset[(start + i) % n] for i in range(self.mbs)]
+        self.next_sample += self.mbs * self.dp_size
+        return collate(samples)
+
+
+def collate(samples: list[dict]) -> dict:
+    out = {}
+    for key in samples[0]:
+        values = [s[key] for s in samples]
+        out[key] = None if values[0] is None else torch.stack([torch.as_tensor(v) for v in values])
+    return out
+
+
+def shard_tokens(prefix: str) -> int:
+    """Total tokens in a shard (for messages and sanity checks)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    return int(IndexedDataset(prefix).sequence_lengths.sum())
+
+
+def ensure_parent(path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)

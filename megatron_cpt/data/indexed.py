@@ -41,9 +41,13 @@ DTYPE_CODES = {
 CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    """Megatron-LM's rule: uint16 when every id fits with margin (< 65500), else int32."""
-    return np.dtype(np.uint16) if vocab_size < 65500 else np.dtype(np.int32)
+def token_dtype(vocab_size: int) -> type[np.number]:
+    """Megatron-LM's rule: uint16 when every id fits with margin (< 65500), else int32.
+
+    Returns the numpy scalar type (not a ``np.dtype``), which is what megatron-core's
+    ``IndexedDatasetBuilder``/``DType`` expect.
+    """
+    return np.uint16 if vocab_size < 65500 else np.int32
 
 
 def bin_path(prefix: str | Path) -> Path:

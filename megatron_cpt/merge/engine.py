@@ -1,0 +1,382 @@
+"""The streaming merge: check every input up front, then merge one logical tensor at a time.
+
+Peak memory is one tensor from each input plus the method's scratch (TIES holds one delta per
+model), independent of model size; the output is written as each tensor is produced. The output
+directory appears only when complete (written under a temporary name, then renamed), so an
+interrupted merge never leaves a checkpoint that looks valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from megatron_cpt.errors import UserError
+from megatron_cpt.merge import methods
+from megatron_cpt.merge.config import MergeConfig, resolve_setting
+from megatron_cpt.merge.safetensors_io import (
+    SafetensorsCheckpoint,
+    StreamingSafetensorsWriter,
+    TensorInfo,
+)
+
+# Config fields that must agree for tensors with the same name to mean the same thing.
+ARCHITECTURE_FIELDS = (
+    "architectures",
+    "model_type",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "vocab_size",
+    "tie_word_embeddings",
+)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_VOCAB_TENSORS = ("embed_tokens", "lm_head", "word_embeddings", "output_layer", "wte")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class Checkpoint(Protocol):
+    """What the engine needs from an input: named logical tensors and an HF-style config."""
+
+    path: Path
+    config: dict | None
+
+    @property
+    def names(self) -> list[str]: ...
+
+    def info(self, name: str) -> TensorInfo: ...
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True)
+class MergeOptions:
+    """Run-time choices that are not part of the (shareable) merge recipe."""
+
+    random_seed: int = 0  # DARE masks: per-tensor generators derived from (seed, tensor name)
+    max_shard_bytes: int = 5 * 10**9  # mergekit's and HF's default shard size
+    progress: bool = True
+    overwrite: bool = False
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    out_dir: Path
+    tensors: int
+    bytes_written: int
+    seconds: float
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """A per-tensor seed, so DARE masks do not depend on merge order, sharding or parallelism."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def layer_fraction(name: str, num_layers: int) -> float:
+    """mergekit's gradient coordinate: layer / (layers - 1); 0 for embeddings, norm and head."""
+    match = _LAYER.search(name)
+    if match is None:
+        return 0.0
+    return int(match.group(1)) / (num_layers - 1) if num_layers > 1 else 1.0
+
+
+def check_compatible(config: MergeConfig, checkpoints: dict[Path, Checkpoint]) -> None:
+    """Fail before writing anything if the inputs cannot be merged tensor by tensor."""
+    base_path = config.inputs[0]
+    base = checkpoints[base_path]
+    base_cfg = base.config or {}
+    for path, ckpt in checkpoints.items():
+        if path == base_path:
+            continue
+        other_cfg = ckpt.config or {}
+        for key in ARCHITECTURE_FIELDS:
+            if key in base_cfg and key in other_cfg and base_cfg[key] != other_cfg[key]:
+                what = "vocabularies" if key == "vocab_size" else "architectures"
+                raise UserError(
+                    f"{what} differ: {base_path} has {key}={base_cfg[key]} but {path} has "
+                    f"{key}={other_cfg[key]}"
+                )
+        base_names, names = set(base.names), set(ckpt.names)
+        if base_names - names:
+            missing = sorted(base_names - names)
+            raise UserError(
+                f"{path} lacks tensor {missing[0]} (present in {base_path})"
+                + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            )
+        if names - base_names:
+            extra = sorted(names - base_names)
+            raise UserError(f"{path} has tensor {extra[0]} that {base_path} lacks")
+        for name in base.names:
+            a, b = base.info(name), ckpt.info(name)
+            if a.shape != b.shape:
+                if any(v in name for v in _VOCAB_TENSORS) and a.shape[1:] == b.shape[1:]:
+                    raise UserError(
+                        f"vocabularies differ: {name} has {a.shape[0]} rows in {base_path} but "
+                        f"{b.shape[0]} in {path}"
+                    )
+                raise UserError(
+                    f"shape mismatch for {name}: {a.shape} in {base_path}, {b.shape} in {path}"
+                )
+            if a.dtype.is_floating_point != b.dtype.is_floating_point:
+                raise UserError(
+                    f"dtype mismatch for {name}: {a.dtype} in {base_path}, {b.dtype} in {path}"
+                )
+        _check_same_vocabulary(base_path, path)
+
+
+def _vocabulary(path: Path) -> dict | None:
+    file = path / "tokenizer.json"
+    if not file.exists():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except ValueError as exc:
+        raise UserError(f"{file}: invalid JSON ({exc})") from None
+    model = data.get("model") or {}
+    return {
+        "vocab": model.get("vocab"),
+        "added": [(t.get("id"), t.get("content")) for t in data.get("added_tokens") or []],
+    }
+
+
+def _check_same_vocabulary(base_path: Path, path: Path) -> None:
+    a, b = _vocabulary(base_path), _vocabulary(path)
+    if a is None or b is None or a == b:
+        return
+    if a["vocab"] != b["vocab"]:
+        raise UserError(
+            f"vocabularies differ: {base_path}/tokenizer.json and {path}/tokenizer.json"
+        )
+    raise UserError(
+        f"vocabularies differ: added/special tokens of {base_path}/tokenizer.json and "
+        f"{path}/tokenizer.json"
+    )
+
+
+class TensorMerger:
+    """Applies the configured method to one logical tensor, given every input's copy of it."""
+
+    def __init__(self, config: MergeConfig, num_layers: int, seed: int):
+        self.config = config
+        self.num_layers = num_layers
+        self.seed = seed
+        self.method = config.merge_method
+
+    def _param(self, name: str, path: Path | None, tensor_name: str, t: float, default=None):
+        sources = [self.config.model(path).parameters] if path is not None else []
+        sources.append(self.config.parameters)
+        for settings in sources:
+            if name in settings:
+                value = resolve_setting(settings[name], tensor_name, t)
+                if value is not None:
+                    return value
+        if default is None:
+            raise UserError(f"{self.config.source}: no {name} applies to {tensor_name} for {path}")
+        return default
+
+    def compute_dtype(self, dtypes: list[torch.dtype]) -> torch.dtype:
+        if self.config.dtype is not None:
+            return self.config.dtype
+        dtype = dtypes[0]
+        for other in dtypes[1:]:
+            dtype = torch.promote_types(dtype, other)
+        return dtype
+
+    def out_dtype(self, dtypes: list[torch.dtype]) -> torch.dtype:
+        if not dtypes[0].is_floating_point:
+            return dtypes[0]
+        return self.config.out_dtype or self.compute_dtype(dtypes)
+
+    def merge(self, name: str, tensors: dict[Path, torch.Tensor]) -> torch.Tensor:
+        """``tensors`` maps each input path (base first) to its copy of tensor ``name``."""
+        paths = list(tensors)
+        first = tensors[paths[0]]
+        if not first.is_floating_point():
+            # Integer buffers (position ids, masks) are not weights: they must agree exactly.
+            for path in paths[1:]:
+                if not torch.equal(first, tensors[path]):
+                    raise UserError(
+                        f"non-float tensor {name} differs between {paths[0]} and {path}"
+                    )
+            return first
+        dtypes = [t.dtype for t in tensors.values()]
+        dtype = self.compute_dtype(dtypes)
+        tensors = {p: t.to(dtype) for p, t in tensors.items()}
+        t = layer_fraction(name, self.num_layers)
+        method, cfg = self.method, self.config
+
+        if method == "linear":
+            order = [m.path for m in cfg.models]
+            result = methods.linear(
+                [tensors[p] for p in order],
+                [float(self._param("weight", p, name, t)) for p in order],
+                normalize=bool(self._param("normalize", None, name, t, default=True)),
+            )
+        elif method == "slerp":
+            base = cfg.base_model
+            other = next(p for p in paths if p != base)
+            result = methods.slerp(
+                float(self._param("t", None, name, t)), tensors[base], tensors[other]
+            )
+        else:
+            spec = methods.TASK_ARITHMETIC_FAMILY[method]
+            base = cfg.base_model
+            others = [m.path for m in cfg.models if m.path != base]
+            generator = None
+            if spec.sparsify is methods.Sparsify.RANDOM:
+                generator = torch.Generator().manual_seed(tensor_seed(self.seed, name))
+            result = methods.task_arithmetic_family(
+                spec,
+                tensors[base],
+                [tensors[p] for p in others],
+                [float(self._param("weight", p, name, t)) for p in others],
+                [float(self._param("density", p, name, t, default=1.0)) for p in others],
+                normalize=bool(
+                    self._param("normalize", None, name, t, default=spec.default_normalize)
+                ),
+                lambda_=float(self._param("lambda", None, name, t, default=1.0)),
+                rescale=self._param("rescale", None, name, t, default=spec.default_rescale),
+                generator=generator,
+            )
+        return result.to(self.out_dtype(dtypes))
+
+
+def _num_layers(base: Checkpoint) -> int:
+    if base.config and isinstance(base.config.get("num_hidden_layers"), int):
+        return base.config["num_hidden_layers"]
+    layers = {int(m.group(1)) for n in base.names if (m := _LAYER.search(n))}
+    return max(layers) + 1 if layers else 1
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
+    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        if not overwrite:
+            raise UserError(f"{out_dir}: already exists and is not empty (use --overwrite)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    return tmp
+
+
+def _finish_out_dir(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
+        out_dir.rename(old)
+        tmp.rename(out_dir)
+        shutil.rmtree(old) if old.is_dir() else old.unlink()
+    else:
+        tmp.rename(out_dir)
+
+
+def _write_metadata(config: MergeConfig, base: Checkpoint, tmp: Path, out_dtype, raw_yaml):
+    if base.config is not None:
+        cfg = dict(base.config)
+        if out_dtype is not None:
+            name = str(out_dtype).removeprefix("torch.")
+            keys = [k for k in ("dtype", "torch_dtype") if k in cfg] or ["dtype"]
+            for key in keys:
+                cfg[key] = name
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    generation = base.path / "generation_config.json"
+    if generation.exists():
+        shutil.copy2(generation, tmp / generation.name)
+    source = config.tokenizer_source or base.path
+    for file in TOKENIZER_FILES:
+        if (source / file).exists():
+            shutil.copy2(source / file, tmp / file)
+    (tmp / "merge_config.yml").write_text(raw_yaml)
+
+
+def merge_checkpoints(
+    config: MergeConfig,
+    out_dir: str | Path,
+    options: MergeOptions = MergeOptions(),
+    open_checkpoint=SafetensorsCheckpoint,
+) -> MergeResult:
+    """Merge the configured HF checkpoints into ``out_dir`` (sharded safetensors + index)."""
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    checkpoints: dict[Path, Checkpoint] = {p: open_checkpoint(p) for p in config.inputs}
+    check_compatible(config, checkpoints)
+    base_path = config.inputs[0]
+    base = checkpoints[base_path]
+    merger = TensorMerger(config, _num_layers(base), options.random_seed)
+
+    plan = []
+    for name in base.names:
+        dtypes = [checkpoints[p].info(name).dtype for p in config.inputs]
+        plan.append(TensorInfo(name, merger.out_dtype(dtypes), base.info(name).shape))
+    float_dtypes = {i.dtype for i in plan if i.dtype.is_floating_point}
+    out_dtype = float_dtypes.pop() if len(float_dtypes) == 1 else None
+
+    tmp = _prepare_out_dir(out_dir, options.overwrite)
+    try:
+        writer = StreamingSafetensorsWriter(tmp, plan, options.max_shard_bytes)
+        for info in tqdm(
+            plan, desc=f"{config.merge_method} merge", unit="tensor", disable=not options.progress
+        ):
+            tensors = {p: checkpoints[p].get(info.name) for p in config.inputs}
+            merged = merger.merge(info.name, tensors)
+            del tensors
+            writer.write(info.name, merged)
+            del merged
+        writer.close()
+        raw = yaml.safe_dump(_config_to_yaml(config), sort_keys=False)
+        _write_metadata(config, base, tmp, out_dtype, raw)
+        _finish_out_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return MergeResult(
+        out_dir=out_dir,
+        tensors=len(plan),
+        bytes_written=sum(i.nbytes for i in plan),
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _config_to_yaml(config: MergeConfig) -> dict:
+    """The resolved recipe, saved next to the weights for provenance (paths made absolute)."""
+    out: dict = {"merge_method": config.merge_method}
+    if config.base_model is not None:
+        out["base_model"] = str(config.base_model)
+    out["models"] = [
+        {"model": str(m.path), **({"parameters": m.parameters} if m.parameters else {})}
+        for m in config.models
+    ]
+    if config.parameters:
+        out["parameters"] = config.parameters
+    for key in ("dtype", "out_dtype"):
+        value = getattr(config, key)
+        if value is not None:
+            out[key] = str(value).removeprefix("torch.")
+    if config.tokenizer_source is not None:
+        out["tokenizer_source"] = str(config.tokenizer_source)
+    return out

@@ -23,6 +23,7 @@ from megatron_cpt.convert.layout import tensor_layout
 from megatron_cpt.convert.mapping import MC_EMBED, mcore_group_names, mcore_to_hf_group
 from megatron_cpt.errors import UserError
 from megatron_cpt.model import from_hf_config
+from megatron_cpt.training.checkpointing import read_metadata
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -39,14 +40,14 @@ class ExportConfig:
 
 def export_hf(cfg: ExportConfig) -> Path:
     load = Path(cfg.load_dir)
-    meta = mcore_checkpoint.read_meta(load)
-    arch = from_hf_config(meta.arch)
-    reader = mcore_checkpoint.GlobalTensorReader(mcore_checkpoint.iteration_dir(load))
+    meta = read_metadata(load)
+    arch = meta["arch"]
+    reader = mcore_checkpoint.GlobalTensorReader(Path(meta["path"]))
     lay = tensor_layout(arch, padded_vocab_size=reader.global_shape(MC_EMBED)[0])
     if cfg.dtype is not None and cfg.dtype not in _DTYPES:
         raise UserError(f"--dtype {cfg.dtype}: choose one of {', '.join(_DTYPES)}")
     dtype = _DTYPES[cfg.dtype] if cfg.dtype else None
-    side = load / mcore_checkpoint.HF_SIDE_DIR
+    side = _side_dir(load, meta)
     tokenizer = _load_tokenizer(cfg.tokenizer_from, side / "tokenizer")
 
     with AtomicDirectory(cfg.out_dir, overwrite=cfg.overwrite) as tmp:
@@ -64,6 +65,17 @@ def export_hf(cfg: ExportConfig) -> Path:
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(cfg.out_dir)
+
+
+def _side_dir(load: Path, meta: dict) -> Path:
+    """The converter's ``hf/`` files: beside this checkpoint, or beside the converted checkpoint
+    a CPT run started from (the trainer records ``pretrained_checkpoint`` in its args)."""
+    candidates = [load / mcore_checkpoint.HF_SIDE_DIR]
+    for key in ("pretrained_checkpoint", "converted_from_mcore"):
+        value = (meta.get("args") or {}).get(key)
+        if isinstance(value, str) and value:
+            candidates.append(Path(value) / mcore_checkpoint.HF_SIDE_DIR)
+    return next((c for c in candidates if c.is_dir()), candidates[0])
 
 
 def _hf_config(arch, side_config: Path, dtype: torch.dtype):

@@ -33,6 +33,7 @@ from megatron_cpt.model import (
     padded_vocab_size,
     validate_parallelism,
 )
+from megatron_cpt.training.checkpointing import save_checkpoint
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -108,16 +109,22 @@ def import_hf(cfg: ImportConfig) -> Path:
         if missing:  # a mapping bug, not a user error
             raise RuntimeError(f"parameters left unconverted: {missing[:5]}")
 
-        meta = mcore_checkpoint.ConversionMeta(
-            arch=arch.to_hf_config(),
-            padded_vocab_size=padded,
-            tensor_parallel=cfg.tensor_parallel,
-            pipeline_parallel=cfg.pipeline_parallel,
-            dtype=dtype_name,
-            source=str(cfg.hf_path),
-        )
+        conversion = {
+            "converted_from": str(cfg.hf_path),
+            "target_tensor_parallel": cfg.tensor_parallel,
+            "target_pipeline_parallel": cfg.pipeline_parallel,
+            "dtype": dtype_name,
+        }
         with AtomicDirectory(cfg.out_dir, overwrite=cfg.overwrite) as tmp:
-            mcore_checkpoint.save(tmp, model, arch, meta)
+            save_checkpoint(
+                tmp,
+                0,
+                [model],
+                arch=arch,
+                args=conversion,
+                save_rng=False,
+                padded_vocab_size=padded,
+            )
             _save_hf_side_files(ckpt, tmp / mcore_checkpoint.HF_SIDE_DIR)
     return Path(cfg.out_dir)
 

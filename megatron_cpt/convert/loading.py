@@ -20,21 +20,19 @@ from megatron_cpt.model import (
     ModelBuildConfig,
     build_model,
     build_transformer_config,
-    from_hf_config,
     validate_parallelism,
 )
+from megatron_cpt.training.checkpointing import load_checkpoint, read_metadata
 
 
 def load_megatron_model(
     ckpt_dir: str | Path, tp: int = 1, pp: int = 1, dtype: torch.dtype = torch.float32
 ):
     """Returns ``(model, arch)``: this rank's pipeline stage, in eval mode, weights loaded."""
-    from megatron.core import dist_checkpointing
-
     ckpt_dir = Path(ckpt_dir)
-    arch = from_hf_config(mcore_checkpoint.read_meta(ckpt_dir).arch)
-    iter_dir = mcore_checkpoint.iteration_dir(ckpt_dir)
-    padded = mcore_checkpoint.GlobalTensorReader(iter_dir).global_shape(MC_EMBED)[0]
+    meta = read_metadata(ckpt_dir)
+    arch = meta["arch"]
+    padded = mcore_checkpoint.GlobalTensorReader(Path(meta["path"])).global_shape(MC_EMBED)[0]
     if padded % tp:
         raise UserError(
             f"{ckpt_dir}: padded vocabulary {padded} is not divisible by TP={tp}; re-convert "
@@ -49,9 +47,7 @@ def load_megatron_model(
         arch, build, params_dtype=dtype, pipeline_dtype=dtype, perform_initialization=False
     )
     model = build_model(arch, config, build=build, vocab_size=padded)
-    mcore_checkpoint.prepare_dist_checkpointing()
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(iter_dir))
-    model.load_state_dict(state, strict=True)
+    load_checkpoint(ckpt_dir, [model], weights_only=True)
     model.eval()
     return model, arch
 

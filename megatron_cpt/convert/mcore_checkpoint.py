@@ -1,10 +1,10 @@
 """The converter's view of a megatron-core checkpoint directory.
 
-Layout (shared with the trainer): ``DIR/iter_0000000/`` holds the ``torch_dist`` files and
-``DIR/latest_checkpointed_iteration.txt`` names the iteration. The converter adds
-``DIR/conversion.json`` (architecture + vocabulary padding, so export and loading need no
-flags) and ``DIR/hf/`` (source config, generation config, tokenizer) so an export after
-training is a complete HF directory.
+The layout and metadata are the trainer's (:mod:`megatron_cpt.training.checkpointing`):
+``DIR/iter_0000000/`` with the ``torch_dist`` files and ``megatron_cpt.json`` (HF config,
+padded vocabulary), ``DIR/latest_checkpointed_iteration.txt``. The converter adds ``DIR/hf/``
+(the source config.json, generation config and tokenizer) so that an export is a complete HF
+directory and evaluation finds the right tokenizer.
 
 Reading goes through megatron-core's ``dist_checkpointing.load`` with hand-made
 ``ShardedTensor`` requests for one group (one layer) at a time: a checkpoint of any TP/PP is
@@ -13,9 +13,7 @@ read as global tensors without building a model or holding more than one layer.
 
 from __future__ import annotations
 
-import json
 import re
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -23,70 +21,9 @@ from torch.distributed.checkpoint.metadata import ChunkStorageMetadata
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from megatron_cpt import platform
 from megatron_cpt.errors import UserError
 
-META_NAME = "conversion.json"
 HF_SIDE_DIR = "hf"
-TRACKER = "latest_checkpointed_iteration.txt"
-
-
-@dataclass
-class ConversionMeta:
-    arch: dict  # LlamaArch.to_hf_config()
-    padded_vocab_size: int
-    tensor_parallel: int
-    pipeline_parallel: int
-    dtype: str
-    source: str
-
-
-def iteration_dir(ckpt_dir: Path) -> Path:
-    """The directory of the latest iteration (or ``ckpt_dir`` itself if it is one)."""
-    ckpt_dir = Path(ckpt_dir)
-    if (ckpt_dir / "metadata.json").exists():
-        return ckpt_dir
-    tracker = ckpt_dir / TRACKER
-    if not tracker.exists():
-        raise UserError(f"--load {ckpt_dir}: not a megatron checkpoint ({TRACKER} missing)")
-    text = tracker.read_text().strip()
-    if not text.isdigit():
-        raise UserError(f"{tracker}:1: expected an iteration number, got {text[:40]!r}")
-    path = ckpt_dir / f"iter_{int(text):07d}"
-    if not (path / "metadata.json").exists():
-        raise UserError(f"{path}: iteration directory missing or incomplete")
-    return path
-
-
-def prepare_dist_checkpointing() -> None:
-    """Import the lazily loaded save/load strategies first, so the platform layer can redirect
-    their device calls too (``apply_cpu_patches`` only reaches modules already imported)."""
-    import megatron.core.dist_checkpointing.strategies.filesystem_async  # noqa: F401
-    import megatron.core.dist_checkpointing.strategies.torch  # noqa: F401
-
-    platform.apply_cpu_patches()
-
-
-def save(out_dir: Path, model, arch, meta: ConversionMeta, iteration: int = 0) -> None:
-    from megatron.core import dist_checkpointing
-
-    prepare_dist_checkpointing()
-    path = Path(out_dir) / f"iter_{iteration:07d}"
-    path.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(prefix=""), str(path))
-    (Path(out_dir) / TRACKER).write_text(f"{iteration}\n")
-    (Path(out_dir) / META_NAME).write_text(json.dumps(asdict(meta), indent=2) + "\n")
-
-
-def read_meta(ckpt_dir: Path) -> ConversionMeta:
-    ckpt_dir = Path(ckpt_dir)
-    path = ckpt_dir / META_NAME
-    if not path.exists():
-        raise UserError(f"--load {ckpt_dir}: {META_NAME} missing (not written by this converter?)")
-    try:
-        return ConversionMeta(**json.loads(path.read_text()))
-    except (ValueError, TypeError) as exc:
-        raise UserError(f"{path}: unreadable ({exc})") from None
 
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")

@@ -243,3 +243,135 @@ def test_adapter_registered_for_lm_eval_cli(tiny_dir):
     assert lm.max_length == 32 and lm.batch_size == 2
     ((lp, _),) = lm.loglikelihood(_requests("loglikelihood", [("Gold", " prices")]), True)
     assert lp < 0
+
+
+# -- Megatron backend: a converted pair must score like its HF source -----------------------
+
+
+@pytest.fixture(scope="module")
+def converted(tiny_dir, tmp_path_factory):
+    from megatron_cpt.convert.importer import ImportConfig, import_hf
+
+    out = tmp_path_factory.mktemp("tiny_mcore") / "ckpt"
+    import_hf(ImportConfig(str(tiny_dir), str(out)))
+    return out
+
+
+def test_megatron_perplexity_matches_hf(tiny, converted, jsonl):
+    megatron = load_backend(BackendSpec(megatron=str(converted)))
+    assert megatron.tokenizer.encode(CORPUS[-1]) == tiny.tokenizer.encode(CORPUS[-1])
+    path = jsonl([{"text": t} for t in CORPUS])
+    cfg = PerplexityConfig(seq_length=32, batch_size=4)  # several windows per document
+    ours = evaluate_set(megatron, "d", [str(path)], cfg)
+    ref = evaluate_set(tiny, "d", [str(path)], cfg)
+    assert (ours.tokens, ours.bytes) == (ref.tokens, ref.bytes)
+    assert abs(ours.ppl / ref.ppl - 1) < 1e-3  # the acceptance bar: 0.1%
+    assert ours.bpb == pytest.approx(ref.bpb, rel=1e-5)  # what we actually get on CPU fp32
+
+
+def test_megatron_adapter_matches_hf_adapter(tiny, converted):
+    megatron = load_backend(BackendSpec(megatron=str(converted)))
+    pairs = [("Gold prices", " rose on Tuesday"), ("", "The Borrower shall repay")]
+    got = MegatronCPTLM(backend=megatron).loglikelihood(_requests("loglikelihood", pairs), True)
+    want = MegatronCPTLM(backend=tiny).loglikelihood(_requests("loglikelihood", pairs), True)
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4)
+
+
+def test_megatron_tokenizer_errors(tmp_path, converted):
+    with pytest.raises(UserError, match="no such checkpoint"):
+        load_backend(BackendSpec(megatron=str(tmp_path / "missing")))
+    with pytest.raises(UserError, match="--tokenizer .*no such file"):
+        load_backend(BackendSpec(megatron=str(converted), tokenizer=str(tmp_path / "nope")))
+
+
+# -- the CLI ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def finance_dir(tmp_path):
+    """A miniature of ../shared/data/tasks in the same formats (README there)."""
+    root = tmp_path / "tasks"
+    root.mkdir()
+
+    def write(name, rows):
+        (root / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    sentiment = [
+        {"text": "Profit rose sharply.", "label": "positive"},
+        {"text": "The company reported a loss.", "label": "negative"},
+        {"text": "The meeting is on Monday.", "label": "neutral"},
+        {"text": "Sales fell 5%.", "label": "negative"},
+    ]
+    write("fpb.jsonl", sentiment)
+    for split in ("train", "valid", "test"):
+        write(f"fiqasa_{split}.jsonl", sentiment)
+    q = "Does the news headline talk about price going up? Answer Yes or No."
+    write(
+        "headlines.jsonl",
+        [
+            {"text": f"gold {verb} {when}", "question": q, "label": label}
+            for verb, label in (("climbs", "yes"), ("slips", "no"), ("steadies", "no"))
+            for when in ("today", "on dollar", "to record")
+        ],  # 9 rows: enough for 5 shots plus the evaluated one
+    )
+    return root
+
+
+def test_cli_writes_results_json(tiny_dir, jsonl, finance_dir, tmp_path, capsys):
+    from tools.evaluate import main
+
+    dom = jsonl([{"text": t} for t in CORPUS[:4]], name="dom.jsonl")
+    gen = jsonl([{"text": t} for t in CORPUS[4:]], name="gen.jsonl")
+    out = tmp_path / "res" / "base.json"
+    code = main(
+        [
+            "--hf", str(tiny_dir), "--data", f"domain={dom}", "--data", f"general={gen}",
+            "--seq-length", "32", "--tasks", "fpb,headlines_5shot", "--limit", "2",
+            "--task-data-dir", str(finance_dir), "--output", str(out),
+        ]
+    )  # fmt: skip
+    assert code == 0
+    from megatron_cpt.evaluation.results import load_results
+
+    res = load_results(out)
+    assert set(res["perplexity"]) == {"domain", "general"}
+    assert res["perplexity"]["domain"]["docs"] == 4
+    assert res["perplexity"]["general"]["bytes"] == sum(len(t.encode()) for t in CORPUS[4:])
+    assert set(res["tasks"]) == {"fpb", "headlines_5shot"}
+    assert res["tasks"]["fpb"]["samples"] == 2 and res["tasks"]["fpb"]["num_fewshot"] == 0
+    assert res["tasks"]["headlines_5shot"]["num_fewshot"] == 5
+    assert 0.0 <= res["tasks"]["fpb"]["f1"] <= 1.0
+    assert "domain" in capsys.readouterr().out
+    assert not list(out.parent.glob(".*.tmp"))  # no temp file left behind
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--data", "x=/nonexistent.jsonl"], "no such file"),
+        (["--data", "=a.jsonl"], "expected NAME=PATH"),
+        ([], "nothing to evaluate"),
+        (["--tasks", "no_such_task"], "unknown task"),
+    ],
+)
+def test_cli_errors_are_one_line(tiny_dir, finance_dir, args, message, capsys):
+    from megatron_cpt.cli import run
+    from tools.evaluate import main
+
+    argv = ["--hf", str(tiny_dir), "--task-data-dir", str(finance_dir), *args]
+    with pytest.raises(SystemExit) as exc:
+        run(main, argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and message in err[0]
+
+
+def test_finance_bad_label_names_file_and_line(tiny, finance_dir):
+    from megatron_cpt.evaluation.tasks_runner import TasksConfig, run_tasks
+
+    (finance_dir / "fpb.jsonl").write_text(
+        '{"text": "x", "label": "positive"}\n{"text": "y", "label": "bullish"}\n'
+    )
+    lm = MegatronCPTLM(backend=tiny)
+    with pytest.raises(UserError, match=r"fpb\.jsonl:2: field 'label' is 'bullish'"):
+        run_tasks(lm, TasksConfig(tasks=["fpb"], limit=1, data_dir=str(finance_dir)))

@@ -153,5 +153,10 @@ def load_backend(spec: BackendSpec) -> Backend:
     from megatron_cpt.evaluation.megatron_backend import MegatronBackend
 
     return MegatronBackend.load(
-        spec.megatron, tokenizer=spec.tokenizer, tp=spec.tp, pp=spec.pp, max_length=spec.max_length
+        spec.megatron,
+        tokenizer=spec.tokenizer,
+        tp=spec.tp,
+        pp=spec.pp,
+        max_length=spec.max_length,
+        dtype=spec.dtype,
     )

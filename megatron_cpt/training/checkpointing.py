@@ -37,6 +37,9 @@ from megatron_cpt.model.arch import LlamaArch, from_hf_config
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 METADATA_FILE = "megatron_cpt.json"
 FORMAT = "megatron-cpt/torch_dist/1"
+# Test hook (interrupted-save test): stop after the shards are written but before publishing, so
+# that a SIGKILL lands in the worst place for atomicity.
+PAUSE_IN_SAVE_ENV = "MEGATRON_CPT_TEST_PAUSE_IN_SAVE"
 # Kept in the optimizer's sharded state so the distributed optimizer's state also re-shards
 # across TP/PP/DP changes (Megatron-LM's default for torch_dist).
 _SHARDING_METADATA = {
@@ -150,8 +153,22 @@ def _model_sharded_state_dict(model_chunks: list) -> dict:
 
 
 def _unwrap(model_chunks: list) -> list:
-    """DDP/Float16 wrappers forward ``sharded_state_dict``; keep the wrapper, it is fine."""
-    return list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    """The bare ``GPTModel`` of each chunk, so checkpoint keys never depend on the wrapping.
+
+    megatron-core 0.16.1's DDP (and Float16Module) do not forward ``sharded_state_dict``: the
+    generic ``MegatronModule`` walk prefixes every key with ``module.``, so a trainer checkpoint
+    and a converted (unwrapped) one would not load into each other.
+    """
+    from megatron.core.distributed import DistributedDataParallel
+    from megatron.core.transformer.module import Float16Module
+
+    chunks = list(model_chunks) if isinstance(model_chunks, (list, tuple)) else [model_chunks]
+    bare = []
+    for chunk in chunks:
+        while isinstance(chunk, (DistributedDataParallel, Float16Module)):
+            chunk = chunk.module
+        bare.append(chunk)
+    return bare
 
 
 def save_checkpoint(
@@ -203,6 +220,8 @@ def save_checkpoint(
     platform.apply_cpu_patches()
     dist_checkpointing.save(sharded, str(partial), content_metadata=dict(_SHARDING_METADATA))
     _barrier()
+    if os.environ.get(PAUSE_IN_SAVE_ENV) == str(iteration):
+        _pause_for_kill(save_dir / f"paused_in_save_{iteration}")
 
     if _rank() == 0:
         vocab = padded_vocab_size
@@ -235,6 +254,13 @@ def save_checkpoint(
             _prune(save_dir, keep_last, current=iteration)
     _barrier()
     return final
+
+
+def _pause_for_kill(marker: Path) -> None:
+    if _rank() == 0:
+        marker.write_text(str(os.getpid()))
+    while True:
+        time.sleep(1)
 
 
 def _find_vocab_rows(model_chunks: list) -> int | None:

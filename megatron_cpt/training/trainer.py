@@ -494,16 +494,15 @@ class Trainer:
             if last.skipped:
                 self.skipped_total += 1
                 self.nan_streak += 1
-                if self.nan_streak >= log.max_nan_skips:
-                    raise UserError(
-                        f"stopping at iteration {self.iteration}: {self.nan_streak} iterations in "
-                        f"a row had a NaN/Inf loss or grad norm (last loss {last.loss}, grad norm "
-                        f"{last.grad_norm}); lower --lr or check the data"
-                    )
             else:
                 self.nan_streak = 0
                 interval_losses.append(last.loss)
-            if self.iteration % log.log_interval == 0 or self.iteration == self.batch.train_iters:
+            stop = self.nan_streak >= log.max_nan_skips
+            if (
+                self.iteration % log.log_interval == 0
+                or self.iteration == self.batch.train_iters
+                or stop
+            ):
                 platform.synchronize()
                 seconds = time.perf_counter() - interval_start
                 tokens = interval_iters * self.batch.global_batch_size * self.batch.seq_length
@@ -530,6 +529,12 @@ class Trainer:
                 )
                 interval_losses, interval_iters = [], 0
                 interval_start = time.perf_counter()
+            if stop:
+                raise UserError(
+                    f"stopping at iteration {self.iteration}: {self.nan_streak} iterations in "
+                    f"a row had a NaN/Inf loss or grad norm (last loss {last.loss}, grad norm "
+                    f"{last.grad_norm}); lower --lr or check the data"
+                )
             evaluated = False
             if log.eval_interval and self.iteration % log.eval_interval == 0:
                 for name, loss in self.evaluate().items():

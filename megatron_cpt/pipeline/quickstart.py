@@ -1,0 +1,341 @@
+"""The whole Llama-3-SEC recipe at 1/500 scale, on SmolLM2-135M-Instruct, as one resumable run.
+
+Stages (each is one of our CLIs, run as a subprocess exactly as a user would type it, so the
+demo exercises the shipped tools rather than private shortcuts):
+
+  corpora    domain + general JSONL split into train / held-out (``pipeline.corpus``)
+  convert    SmolLM2 GGUF → megatron-core checkpoint (``convert_checkpoint.py hf-to-mcore``)
+  base_hf    that checkpoint → HF safetensors (``mcore-to-hf``): the merge base and eval base
+  shards     train + held-out text → indexed shards (``preprocess_data.py``)
+  cpt        blended CPT with per-dataset validation (``pretrain.py --pretrained-checkpoint``)
+  cpt_hf     the CPT checkpoint → HF (``mcore-to-hf``)
+  merge      TIES of CPT back onto the base (``merge_models.py``, mergekit YAML)
+  evaluate   base / CPT / merged on held-out domain and general text (``evaluate.py``)
+  report     Markdown + plots (``report.py``)
+
+A stage is skipped on re-run only when its outputs pass a check (shards readable by
+megatron-core, a published checkpoint, an HF directory with weights, a results JSON with every
+set) and it ran with the same parameters (``stage.json``); a changed parameter re-runs that
+stage and everything after it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from megatron_cpt import assets
+from megatron_cpt.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+TOOLS = REPO / "tools"
+
+
+@dataclass
+class QuickstartConfig:
+    """Defaults measured on 2 CPU cores to finish in well under 15 minutes (README)."""
+
+    work_dir: Path = Path("runs/quickstart")
+    device: str = "cpu"  # "cuda": same pipeline on a GPU (bf16)
+    domain_data: list[str] = field(default_factory=list)  # default: ../shared/data or registry
+    general_data: list[str] = field(default_factory=list)
+    heldout_fraction: float = 0.1
+    domain_weight: float = 0.95  # Llama-3-SEC mixed ~1-5% general replay
+    steps: int = 24
+    seq_length: int = 256
+    micro_batch_size: int = 2
+    global_batch_size: int = 8
+    lr: float = 5e-5
+    min_lr: float = 5e-6
+    warmup: int = 4
+    eval_interval: int = 8
+    eval_iters: int = 2
+    merge_method: str = "ties"
+    merge_density: float = 0.5
+    merge_weight: float = 0.5
+    eval_docs: int = 40
+    eval_seq_length: int = 256
+    workers: int = 2
+
+    def params(self) -> dict:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+class Pipeline:
+    def __init__(self, cfg: QuickstartConfig):
+        self.cfg = cfg
+        self.dir = Path(cfg.work_dir).resolve()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.state_path = self.dir / "stages.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        self.rerun_rest = False
+        self.timings: dict[str, float] = {}
+        self.env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
+                        PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")  # fmt: skip
+        if cfg.device == "cpu":
+            self.env["CUDA_VISIBLE_DEVICES"] = ""
+
+    # ------------------------------------------------------------------ plumbing
+    def path(self, *parts: str) -> Path:
+        return self.dir.joinpath(*parts)
+
+    def tool(self, name: str, *args: str | Path, log: str) -> None:
+        cmd = [sys.executable, str(TOOLS / name), *map(str, args)]
+        log_path = self.path("logs", f"{log}.log")
+        log_path.parent.mkdir(exist_ok=True)
+        print(f"  $ {shlex.join(cmd[1:])}", flush=True)
+        with open(log_path, "w") as fh:
+            fh.write(shlex.join(cmd) + "\n")
+            fh.flush()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, env=self.env, cwd=self.dir)  # fmt: skip
+            tail: list[str] = []
+            for line in proc.stdout:
+                fh.write(line)
+                tail = (tail + [line.rstrip()])[-15:]
+                if any(k in line for k in ("iteration", "validation", "error", "ppl")):
+                    print(f"    {line.rstrip()[:160]}", flush=True)
+            code = proc.wait()
+        if code != 0:
+            detail = "\n".join(f"    {t}" for t in tail)
+            raise UserError(f"stage {log} failed (exit {code}); log: {log_path}\n{detail}")
+
+    def stage(self, name: str, params: dict, check, run) -> None:
+        key = json.dumps(params, sort_keys=True, default=str)
+        done = self.state.get(name) == key and not self.rerun_rest
+        if done:
+            try:
+                check()
+                print(f"[{name}] up to date (outputs checked)", flush=True)
+                return
+            except Exception as exc:  # an output that fails its check is redone
+                print(f"[{name}] outputs failed their check ({exc}); re-running", flush=True)
+        print(f"[{name}] running", flush=True)
+        start = time.perf_counter()
+        self.state.pop(name, None)
+        self._save_state()
+        run()
+        check()
+        self.timings[name] = time.perf_counter() - start
+        self.state[name] = key
+        self._save_state()
+        self.rerun_rest = True  # everything downstream depends on this output
+        print(f"[{name}] done in {self.timings[name]:.0f} s", flush=True)
+
+    def _save_state(self) -> None:
+        tmp = self.state_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.state, indent=1))
+        os.replace(tmp, self.state_path)
+
+    # ------------------------------------------------------------------ checks
+    @staticmethod
+    def check_checkpoint(path: Path) -> None:
+        from megatron_cpt.training.checkpointing import latest_iteration, read_metadata
+
+        if latest_iteration(path) is None:
+            raise UserError(f"{path}: no published checkpoint")
+        read_metadata(path)
+
+    @staticmethod
+    def check_hf(path: Path) -> None:
+        config = json.loads((path / "config.json").read_text())
+        if config.get("model_type") != "llama":
+            raise UserError(f"{path}/config.json: not a Llama config")
+        if not list(path.glob("*.safetensors")):
+            raise UserError(f"{path}: no safetensors weights")
+        if not (path / "tokenizer.json").exists():
+            raise UserError(f"{path}: no tokenizer.json")
+
+    @staticmethod
+    def check_shard(prefix: Path) -> None:
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        dataset = IndexedDataset(str(prefix))
+        if len(dataset) == 0:
+            raise UserError(f"{prefix}: empty shard")
+
+    # ------------------------------------------------------------------ the run
+    def run(self) -> dict:
+        c = self.cfg
+        gguf = assets.smollm2_gguf()
+        data_dir = self.path("data")
+        splits: dict = {}
+
+        def corpora():
+            from megatron_cpt.pipeline.corpus import prepare_corpora
+
+            result = prepare_corpora(data_dir, c.domain_data or None, c.general_data or None,
+                                     c.heldout_fraction)  # fmt: skip
+            splits.update(result)
+            (data_dir / "sources.json").write_text(
+                json.dumps({k: {**asdict(v), "train": str(v.train), "heldout": str(v.heldout)}
+                            for k, v in result.items()}, indent=1))  # fmt: skip
+
+        def check_corpora():
+            meta = json.loads((data_dir / "sources.json").read_text())
+            for name in ("domain", "general"):
+                for part in ("train", "heldout"):
+                    if Path(meta[name][part]).stat().st_size == 0:
+                        raise UserError(f"{meta[name][part]} is empty")
+
+        self.stage("corpora", {k: c.params()[k] for k in
+                               ("domain_data", "general_data", "heldout_fraction")},
+                   check_corpora, corpora)  # fmt: skip
+
+        base_mcore, base_hf = self.path("base_mcore"), self.path("base_hf")
+        self.stage(
+            "convert", {"gguf": str(gguf)}, lambda: self.check_checkpoint(base_mcore),
+            lambda: self.tool("convert_checkpoint.py", "hf-to-mcore", "--hf", gguf,
+                              "--out", base_mcore, "--overwrite", log="convert"),
+        )  # fmt: skip
+        self.stage(
+            "base_hf", {}, lambda: self.check_hf(base_hf),
+            lambda: self.tool("convert_checkpoint.py", "mcore-to-hf", "--load", base_mcore,
+                              "--out", base_hf, "--tokenizer-from", gguf, "--overwrite",
+                              log="base_hf"),
+        )  # fmt: skip
+
+        shards = self.path("shards")
+        prefixes = {f"{n}_{p}": shards / f"{n}_{p}_text_document"
+                    for n in ("domain", "general") for p in ("train", "heldout")}  # fmt: skip
+
+        def preprocess():
+            for name in prefixes:
+                self.tool("preprocess_data.py", "--input", data_dir / f"{name}.jsonl",
+                          "--output-prefix", shards / name, "--tokenizer-type",
+                          "HuggingFaceTokenizer", "--tokenizer-model", base_hf,
+                          "--append-eod", "--workers", c.workers, log=f"preprocess_{name}")  # fmt: skip
+
+        self.stage("shards", {"workers": c.workers},
+                   lambda: [self.check_shard(p) for p in prefixes.values()], preprocess)  # fmt: skip
+
+        cpt = self.path("cpt")
+        train_keys = (
+            "steps",
+            "seq_length",
+            "micro_batch_size",
+            "global_batch_size",
+            "lr",
+            "min_lr",
+            "warmup",
+            "eval_interval",
+            "eval_iters",
+            "domain_weight",
+            "device",
+        )
+        self.stage(
+            "cpt", {k: c.params()[k] for k in train_keys},
+            lambda: self.check_checkpoint(cpt / "checkpoints"),
+            lambda: self._train(cpt, base_mcore, base_hf, prefixes),
+        )  # fmt: skip
+
+        cpt_hf = self.path("cpt_hf")
+        self.stage(
+            "cpt_hf", {}, lambda: self.check_hf(cpt_hf),
+            lambda: self.tool("convert_checkpoint.py", "mcore-to-hf", "--load",
+                              cpt / "checkpoints", "--out", cpt_hf, "--tokenizer-from", base_hf,
+                              "--overwrite", log="cpt_hf"),
+        )  # fmt: skip
+
+        merged_hf = self.path("merged_hf")
+        merge_keys = ("merge_method", "merge_density", "merge_weight")
+        self.stage(
+            "merge", {k: c.params()[k] for k in merge_keys}, lambda: self.check_hf(merged_hf),
+            lambda: self._merge(base_hf, cpt_hf, merged_hf),
+        )  # fmt: skip
+
+        evals = {"base": base_hf, "cpt": cpt_hf, "merged": merged_hf}
+        results = self.path("eval")
+        for label, model in evals.items():
+            out = results / f"{label}.json"
+            self.stage(
+                f"evaluate_{label}", {"docs": c.eval_docs, "seq": c.eval_seq_length},
+                lambda out=out: self._check_eval(out),
+                lambda model=model, out=out, label=label: self.tool(
+                    "evaluate.py", "--hf", model, "--data", f"domain={data_dir / 'domain_heldout.jsonl'}",
+                    "--data", f"general={data_dir / 'general_heldout.jsonl'}",
+                    "--max-docs", c.eval_docs, "--seq-length", c.eval_seq_length,
+                    "--output", out, log=f"evaluate_{label}"),
+            )  # fmt: skip
+
+        report = self.path("report")
+        if (TOOLS / "report.py").exists():
+            self.stage(
+                "report", {}, lambda: (report / "report.md").stat(),
+                lambda: self.tool("report.py", cpt, "--eval",
+                                  *[f"{k}={results / (k + '.json')}" for k in evals],
+                                  "--out", report, log="report"),
+            )  # fmt: skip
+        summary = self.summary(results, evals)
+        (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+
+    def _train(self, cpt: Path, base_mcore: Path, base_hf: Path, prefixes: dict) -> None:
+        c = self.cfg
+        args = [
+            "--pretrained-checkpoint", base_mcore, "--save", cpt / "checkpoints",
+            "--run-dir", cpt, "--tensorboard-dir", cpt / "tensorboard",
+            "--data-path", c.domain_weight, prefixes["domain_train"],
+            round(1 - c.domain_weight, 6), prefixes["general_train"], "--split", "100,0,0",
+            "--valid-data-path", f"domain={prefixes['domain_heldout']}",
+            f"general={prefixes['general_heldout']}",
+            "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", base_hf,
+            "--seq-length", c.seq_length, "--micro-batch-size", c.micro_batch_size,
+            "--global-batch-size", c.global_batch_size, "--train-iters", c.steps,
+            "--lr", c.lr, "--min-lr", c.min_lr, "--lr-warmup-iters", c.warmup,
+            "--lr-decay-style", "cosine", "--weight-decay", 0.1, "--clip-grad", 1.0,
+            "--log-interval", 1, "--eval-interval", c.eval_interval, "--eval-iters", c.eval_iters,
+            "--save-interval", c.steps, "--keep-last", 1, "--seed", 1234,
+        ]  # fmt: skip
+        if c.device == "cuda":
+            args.append("--bf16")
+        self.tool("pretrain.py", *args, log="cpt")
+
+    def _merge(self, base_hf: Path, cpt_hf: Path, merged_hf: Path) -> None:
+        import yaml
+
+        c = self.cfg
+        recipe = {
+            "merge_method": c.merge_method,
+            "base_model": str(base_hf),
+            "models": [{"model": str(cpt_hf),
+                        "parameters": {"weight": c.merge_weight, "density": c.merge_density}}],
+            "parameters": {"normalize": False},
+            "dtype": "float32",
+            "tokenizer_source": "base",
+        }  # fmt: skip
+        path = self.path("merge.yaml")
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        self.tool("merge_models.py", path, merged_hf, "--overwrite", log="merge")
+
+    @staticmethod
+    def _check_eval(path: Path) -> None:
+        data = json.loads(path.read_text())
+        text = json.dumps(data)
+        for name in ("domain", "general"):
+            if f'"{name}"' not in text:
+                raise UserError(f"{path}: no results for {name}")
+
+    @staticmethod
+    def _ppl(result: dict, name: str) -> float | None:
+        """Find a set's perplexity in an evaluate.py results JSON."""
+        sets = result.get("perplexity", result.get("sets", result))
+        entry = sets.get(name) if isinstance(sets, dict) else None
+        return entry.get("ppl") if isinstance(entry, dict) else None
+
+    def summary(self, results: Path, evals: dict) -> dict:
+        table = {}
+        for label in evals:
+            data = json.loads((results / f"{label}.json").read_text())
+            table[label] = {n: self._ppl(data, n) for n in ("domain", "general")}
+        print("\nheld-out perplexity     domain    general")
+        for label, row in table.items():
+            cells = "".join(f"{v:10.3f}" if v else "       n/a" for v in row.values())
+            print(f"  {label:<20}{cells}")
+        return {"perplexity": table, "stage_seconds": self.timings, "config": self.cfg.params()}

@@ -326,3 +326,32 @@ def test_cli_reports_a_missing_model_in_one_line(corpus, tmp_path):
         "model directory with config.json, or a .gguf file)"
     ]
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_compressed_inputs_select_the_same_and_share_the_content_keyed_cache(
+    corpus, tmp_path, pos_scorer
+):
+    import gzip
+
+    import zstandard
+
+    raw = corpus["path"].read_bytes()
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(raw))
+    (tmp_path / "c.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(raw))
+    outputs = []
+    for name in ("c.jsonl.gz", "c.jsonl.zst"):
+        config = SelectionConfig(
+            inputs=(str(tmp_path / name),),
+            output=str(tmp_path / f"{name}.selected.jsonl"),
+            budget=Budget("documents", 9),
+            metrics=("pos-entropy",),
+            cache_dir=str(tmp_path / "cache"),
+            progress=False,
+        )
+        scorers = build_scorers(config)
+        scorers["pos-entropy"] = pos_scorer
+        summary = run_selection(config, scorers)
+        outputs.append(Path(config.output).read_bytes())
+    # Same decompressed content -> same cache entry: the second file is not re-scored.
+    assert summary["cache"]["pos-entropy"] == {"cached": 40, "scored": 0}
+    assert outputs[0] == outputs[1] and outputs[0].count(b"\n") == 9

@@ -108,20 +108,30 @@ class PerplexityScorer:
         return out
 
     def _batch_perplexity(self, ids: list[list[int]]) -> list[float]:
-        import torch
-
         model, tokenizer = self._load()
         self.calls += 1
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, seq in enumerate(ids):
-            input_ids[row, : len(seq)] = torch.tensor(seq)
-            mask[row, : len(seq)] = 1
-        with torch.inference_mode():
-            logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
-        targets = input_ids[:, 1:]
-        valid = mask[:, 1:].bool()
-        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        mean_nll = (nll * valid).sum(dim=1) / valid.sum(dim=1)
-        return torch.exp(mean_nll).tolist()
+        return [math.exp(total / count) for total, count in batch_nll(model, tokenizer, ids)]
+
+
+def batch_nll(model, tokenizer, ids: list[list[int]]) -> list[tuple[float, int]]:
+    """``(sum of next-token NLL, number of predicted tokens)`` per sequence, one padded batch.
+
+    Shared with the DACP experiment, which aggregates NLL over a held-out set token-weighted.
+    """
+    import torch
+
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+    with torch.inference_mode():
+        logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
+    valid = mask[:, 1:].bool()
+    nll = torch.nn.functional.cross_entropy(
+        logits.transpose(1, 2), input_ids[:, 1:], reduction="none"
+    )
+    sums = (nll * valid).sum(dim=1).tolist()
+    counts = valid.sum(dim=1).tolist()
+    return list(zip(sums, counts))

@@ -46,20 +46,21 @@ def export_hf(cfg: ExportConfig) -> Path:
     lay = tensor_layout(arch, padded_vocab_size=reader.global_shape(MC_EMBED)[0])
     if cfg.dtype is not None and cfg.dtype not in _DTYPES:
         raise UserError(f"--dtype {cfg.dtype}: choose one of {', '.join(_DTYPES)}")
-    dtype = _DTYPES[cfg.dtype] if cfg.dtype else None
+    # Default: the embedding's stored dtype. Norm weights can be stored wider than the rest
+    # (megatron-core's local RMSNorm keeps fp32 weights in a bf16 model); they were widened
+    # losslessly on import, so casting back is exact.
+    dtype = _DTYPES[cfg.dtype] if cfg.dtype else reader.dtype(MC_EMBED)
     side = _side_dir(load, meta)
     tokenizer = _load_tokenizer(cfg.tokenizer_from, side / "tokenizer")
 
     with AtomicDirectory(cfg.out_dir, overwrite=cfg.overwrite) as tmp:
         writer = SafetensorsShardWriter(tmp, ShardWriterConfig(cfg.max_shard_bytes, dtype))
-        stored_dtype = None
         for names in mcore_group_names(lay):
             group = reader.read(names)
-            stored_dtype = stored_dtype or next(iter(group.values())).dtype
             writer.add(mcore_to_hf_group(names, group.__getitem__, lay))
             del group
         writer.finish()
-        hf_config = _hf_config(arch, side / "config.json", dtype or stored_dtype)
+        hf_config = _hf_config(arch, side / "config.json", dtype)
         hf_config.save_pretrained(tmp)
         _generation_config(hf_config, side / "generation_config.json").save_pretrained(tmp)
         if tokenizer is not None:

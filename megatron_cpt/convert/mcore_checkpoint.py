@@ -61,6 +61,11 @@ class GlobalTensorReader:
             raise UserError(f"{self.iter_dir}: tensor {key} is not in the checkpoint")
         return tuple(self._meta[key].size)
 
+    def dtype(self, name: str) -> torch.dtype:
+        key, _ = sharded_key(name)
+        self.global_shape(key)
+        return self._meta[key].properties.dtype
+
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         """Global tensors for plain state-dict ``names`` (one layer's slice of stacked keys)."""
         import torch.distributed.checkpoint as dcp

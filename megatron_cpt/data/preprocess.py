@@ -210,6 +210,7 @@ _WORKER_ENCODER: ChunkEncoder | None = None
 def _init_worker(encoder: ChunkEncoder) -> None:
     global _WORKER_ENCODER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate() must just end us
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER_ENCODER = encoder
 
@@ -271,7 +272,13 @@ def _sigterm_as_interrupt():
     try:
         previous = signal.getsignal(signal.SIGTERM)
 
+        owner = os.getpid()
+
         def handler(signum, frame):
+            if os.getpid() != owner:  # a freshly forked worker, before its initializer ran
+                signal.signal(signal.SIGTERM, signal.SIG_DFL)
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
             raise _Terminated()
 
         signal.signal(signal.SIGTERM, handler)

@@ -80,8 +80,12 @@ class PerplexityScorer:
     def __init__(self, config: PerplexityConfig):
         self.config = config
         self.model_path = resolve_proxy_model(config.model)
-        size = self.model_path.stat().st_size if self.model_path.is_file() else 0
-        self.key = f"perplexity|model={self.model_path.name}:{size}|max_tokens={config.max_tokens}"
+        # A GGUF file is identified by name and size, an HF directory by its absolute path.
+        if self.model_path.is_file():
+            ident = f"{self.model_path.name}:{self.model_path.stat().st_size}"
+        else:
+            ident = str(self.model_path.resolve())
+        self.key = f"perplexity|model={ident}|max_tokens={config.max_tokens}"
         self.calls = 0
         self._model = None
         self._tokenizer = None

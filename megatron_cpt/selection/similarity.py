@@ -76,7 +76,8 @@ class TaskSimilarityScorer:
         self.model_path = resolve_embedding_model(config.model)
         self.task_texts = read_task_texts(config)
         digest = hashlib.sha256("\x00".join(self.task_texts).encode("utf-8")).hexdigest()[:16]
-        label = config.model if config.model == DEFAULT_EMBEDDING_MODEL else self.model_path.name
+        default = config.model == DEFAULT_EMBEDDING_MODEL
+        label = config.model if default else str(self.model_path.resolve())
         self.key = f"similarity|model={label}|task={digest}|mean-cosine"
         self.calls = 0
         self._model = None

@@ -34,9 +34,11 @@ class TokenCounter:
         self.path = Path(config.tokenizer).expanduser()
         if not self.path.exists():
             raise UserError(f"--tokenizer {config.tokenizer}: no such file or directory")
-        size = self.path.stat().st_size if self.path.is_file() else 0
         self.unit = f"tokens:{self.path.name}"
-        self.key = f"tokens|{self.path.name}:{size}"
+        if self.path.is_file():
+            self.key = f"tokens|{self.path.name}:{self.path.stat().st_size}"
+        else:
+            self.key = f"tokens|{self.path.resolve()}"
 
     def _load(self):
         if self._tok is None:

@@ -1,0 +1,230 @@
+#!/usr/bin/env python
+"""Merge time and peak RSS: megatron_cpt.merge vs mergekit, same checkpoints, same YAML.
+
+Each merge runs in its own subprocess; wall time and that child's ``ru_maxrss`` (from
+``os.wait4``) are recorded, ours and mergekit's side by side in the same command, and the outputs
+are compared element by element. Inputs are random Llama checkpoints of a chosen size (bf16),
+generated once into ``--workdir`` and reused: a base and one "CPT" model (base + small noise),
+the Llama-3-SEC shape of the problem.
+
+    python bench/merge.py --size 1b --methods ties,task_arithmetic,slerp   # ~1.2B params
+    python bench/merge.py --size tiny                                     # seconds, smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+SIZES = {
+    # Llama-3.2-1B's shape: 1.24B parameters, tied embeddings, vocab 128256.
+    "1b": dict(hidden=2048, ffn=8192, layers=16, heads=32, kv=8, vocab=128256, tied=True),
+    "200m": dict(hidden=1024, ffn=4096, layers=12, heads=16, kv=8, vocab=32768, tied=True),
+    "tiny": dict(hidden=256, ffn=768, layers=4, heads=8, kv=4, vocab=8192, tied=False),
+}
+METHOD_PARAMS = {
+    "ties": {"weight": 1.0, "density": 0.5},
+    "dare_ties": {"weight": 1.0, "density": 0.5},
+    "dare_linear": {"weight": 1.0, "density": 0.5},
+    "task_arithmetic": {"weight": 0.7},
+    "linear": {"weight": 0.5},
+}
+
+
+def make_checkpoints(workdir: Path, size: str) -> tuple[Path, Path]:
+    """Random bf16 base and base+noise 'CPT' model, streamed to disk one tensor at a time."""
+    import torch
+
+    from megatron_cpt.merge.safetensors_io import StreamingSafetensorsWriter, TensorInfo
+
+    s = SIZES[size]
+    head_dim = s["hidden"] // s["heads"]
+    shapes = {"model.embed_tokens.weight": (s["vocab"], s["hidden"])}
+    for i in range(s["layers"]):
+        p = f"model.layers.{i}."
+        shapes |= {
+            p + "input_layernorm.weight": (s["hidden"],),
+            p + "self_attn.q_proj.weight": (s["hidden"], s["hidden"]),
+            p + "self_attn.k_proj.weight": (s["kv"] * head_dim, s["hidden"]),
+            p + "self_attn.v_proj.weight": (s["kv"] * head_dim, s["hidden"]),
+            p + "self_attn.o_proj.weight": (s["hidden"], s["hidden"]),
+            p + "post_attention_layernorm.weight": (s["hidden"],),
+            p + "mlp.gate_proj.weight": (s["ffn"], s["hidden"]),
+            p + "mlp.up_proj.weight": (s["ffn"], s["hidden"]),
+            p + "mlp.down_proj.weight": (s["hidden"], s["ffn"]),
+        }
+    shapes["model.norm.weight"] = (s["hidden"],)
+    if not s["tied"]:
+        shapes["lm_head.weight"] = (s["vocab"], s["hidden"])
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": s["hidden"],
+        "intermediate_size": s["ffn"],
+        "num_hidden_layers": s["layers"],
+        "num_attention_heads": s["heads"],
+        "num_key_value_heads": s["kv"],
+        "head_dim": head_dim,
+        "vocab_size": s["vocab"],
+        "tie_word_embeddings": s["tied"],
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 2048,
+        "dtype": "bfloat16",
+    }
+    dirs = workdir / f"{size}-base", workdir / f"{size}-cpt"
+    if all((d / "config.json").exists() for d in dirs):
+        return dirs
+    infos = [TensorInfo(n, torch.bfloat16, shape) for n, shape in shapes.items()]
+    writers = []
+    for d in dirs:
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        writers.append(StreamingSafetensorsWriter(d, infos, 2 * 10**9))
+    g = torch.Generator().manual_seed(0)
+    for info in infos:
+        base = torch.randn(info.shape, generator=g) * 0.02
+        if info.name.endswith("layernorm.weight") or info.name.endswith("norm.weight"):
+            base += 1
+        writers[0].write(info.name, base.to(torch.bfloat16))
+        cpt = base + torch.randn(info.shape, generator=g) * 0.002
+        writers[1].write(info.name, cpt.to(torch.bfloat16))
+        del base, cpt
+    for d, w in zip(dirs, writers):
+        w.close()
+        (d / "config.json").write_text(json.dumps(config, indent=2))
+    return dirs
+
+
+def recipe(method: str, base: Path, cpt: Path) -> dict:
+    if method == "slerp":
+        return {
+            "merge_method": "slerp",
+            "base_model": str(base),
+            "models": [{"model": str(base)}, {"model": str(cpt)}],
+            "parameters": {"t": 0.5},
+        }
+    models = [{"model": str(cpt), "parameters": METHOD_PARAMS[method]}]
+    if method == "linear":
+        models.insert(0, {"model": str(base), "parameters": METHOD_PARAMS[method]})
+        return {"merge_method": "linear", "models": models}
+    return {"merge_method": method, "base_model": str(base), "models": models}
+
+
+def child(impl: str, config_path: str, out: str) -> None:
+    """Runs inside the measured subprocess."""
+    import yaml
+
+    raw = yaml.safe_load(Path(config_path).read_text())
+    if impl == "ours":
+        from megatron_cpt.merge import MergeOptions, merge_checkpoints, parse_config
+
+        merge_checkpoints(parse_config(raw), out, MergeOptions(progress=False, random_seed=0))
+    else:
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        import logging
+
+        from mergekit.config import MergeConfiguration
+        from mergekit.merge import MergeOptions, run_merge
+
+        logging.disable(logging.WARNING)
+        run_merge(
+            MergeConfiguration.model_validate(raw), out, MergeOptions(quiet=True, random_seed=0)
+        )
+
+
+def measure(impl: str, config_path: Path, out: Path) -> tuple[float, float]:
+    """(seconds, peak RSS GiB) of one merge in a fresh process."""
+    shutil.rmtree(out, ignore_errors=True)
+    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    start = time.perf_counter()
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--child", impl, str(config_path), str(out)], env=env
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{impl} merge failed with exit code {proc.returncode}")
+    return seconds, usage.ru_maxrss / 2**20  # Linux reports KiB
+
+
+def compare(a: Path, b: Path) -> str:
+    """'identical', or the share of elements that differ (and the largest difference)."""
+
+    from megatron_cpt.merge.safetensors_io import SafetensorsCheckpoint
+
+    x, y = SafetensorsCheckpoint(a), SafetensorsCheckpoint(b)
+    if set(x.names) != set(y.names):
+        return f"different tensor names: {sorted(set(x.names) ^ set(y.names))[:3]}"
+    differing = total = 0
+    worst = 0.0
+    for name in x.names:
+        p, q = x.get(name), y.get(name)
+        if p.dtype != q.dtype:
+            return f"dtype differs for {name}: {p.dtype} vs {q.dtype}"
+        diff = p != q
+        differing += int(diff.sum())
+        total += p.numel()
+        if diff.any():
+            worst = max(worst, float((p.float() - q.float()).abs().max()))
+    if differing == 0:
+        return "identical"
+    return f"{differing / total:.2e} of elements differ (max |diff| {worst:.2e})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    parser.add_argument("--methods", default="ties,dare_ties,task_arithmetic,linear,slerp")
+    parser.add_argument("--workdir", default="/tmp/megatron_cpt_bench_merge")
+    parser.add_argument("--keep", action="store_true", help="keep checkpoints and outputs")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    import yaml
+
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    base, cpt = make_checkpoints(workdir, args.size)
+    size_gb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
+    print(
+        f"inputs: 2 x {size_gb:.2f} GB bf16 ({args.size}), ready in {time.perf_counter() - start:.0f} s"
+    )
+    print(
+        f"{'method':<16}{'ours s':>9}{'mergekit s':>12}{'speedup':>9}{'ours GiB':>10}"
+        f"{'mergekit GiB':>14}{'RSS ratio':>11}  outputs"
+    )
+    for method in args.methods.split(","):
+        config_path = workdir / f"{method}.yml"
+        config_path.write_text(yaml.safe_dump(recipe(method, base, cpt)))
+        ours_t, ours_m = measure("ours", config_path, workdir / f"out-ours-{method}")
+        mk_t, mk_m = measure("mergekit", config_path, workdir / f"out-mergekit-{method}")
+        if method.startswith("dare"):
+            same = "n/a (each draws its own random masks)"
+        else:
+            same = compare(workdir / f"out-ours-{method}", workdir / f"out-mergekit-{method}")
+        print(
+            f"{method:<16}{ours_t:>9.1f}{mk_t:>12.1f}{mk_t / ours_t:>8.2f}x{ours_m:>10.2f}"
+            f"{mk_m:>14.2f}{mk_m / ours_m:>10.2f}x  {same}",
+            flush=True,
+        )
+        if not args.keep:
+            for impl in ("ours", "mergekit"):
+                shutil.rmtree(workdir / f"out-{impl}-{method}", ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(cpt, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -269,20 +269,16 @@ def test_cli_round_trip_and_one_line_errors(tiny, tmp_path):
         -2000:
     ]
     assert "Traceback" not in bad.stderr
-    bad = run(
-        "hf-to-mcore",
-        "--hf",
-        str(hf_dir),
-        "--out",
-        str(tmp_path / "mc4"),
-        "--tensor-model-parallel-size",
-        "2",
-        "--pipeline-model-parallel-size",
-        "4",
-    )
-    assert bad.returncode == 2 and "does not divide num_layers" in bad.stderr
-    bad = run("mcore-to-hf", "--load", str(tmp_path / "nothing"), "--out", str(tmp_path / "x"))
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_bad_layout_and_missing_checkpoint_are_user_errors(tiny, tmp_path):
+    hf_dir, _, _ = tiny["mha-tied"]
+    with pytest.raises(
+        UserError, match=r"--pipeline-model-parallel-size 4 does not divide num_layers \(2\)"
+    ):
+        import_hf(ImportConfig(str(hf_dir), str(tmp_path / "mc"), pipeline_parallel=4))
+    with pytest.raises(UserError, match="no latest_checkpointed_iteration.txt|does not exist"):
+        export_hf(ExportConfig(str(tmp_path / "nothing"), str(tmp_path / "x")))
 
 
 # ---- the real model ----------------------------------------------------------------------

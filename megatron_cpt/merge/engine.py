@@ -25,7 +25,13 @@ from tqdm import tqdm
 from megatron_cpt.errors import UserError
 from megatron_cpt.merge import methods
 from megatron_cpt.merge.config import MergeConfig, resolve_setting
+from megatron_cpt.merge.megatron_io import (
+    MegatronCheckpoint,
+    MegatronWriter,
+    is_megatron_checkpoint,
+)
 from megatron_cpt.merge.safetensors_io import (
+    TOKENIZER_FILES,
     SafetensorsCheckpoint,
     StreamingSafetensorsWriter,
     TensorInfo,
@@ -43,17 +49,6 @@ ARCHITECTURE_FIELDS = (
     "head_dim",
     "vocab_size",
     "tie_word_embeddings",
-)
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "chat_template.json",
 )
 _VOCAB_TENSORS = ("embed_tokens", "lm_head", "word_embeddings", "output_layer", "wte")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -146,10 +141,18 @@ def check_compatible(config: MergeConfig, checkpoints: dict[Path, Checkpoint]) -
                 raise UserError(
                     f"dtype mismatch for {name}: {a.dtype} in {base_path}, {b.dtype} in {path}"
                 )
-        _check_same_vocabulary(base_path, path)
+        _check_same_vocabulary(_tokenizer_dir(base), _tokenizer_dir(ckpt))
 
 
-def _vocabulary(path: Path) -> dict | None:
+def _tokenizer_dir(ckpt: Checkpoint) -> Path | None:
+    if isinstance(ckpt, MegatronCheckpoint):
+        return ckpt.tokenizer_dir()
+    return ckpt.path
+
+
+def _vocabulary(path: Path | None) -> dict | None:
+    if path is None:
+        return None
     file = path / "tokenizer.json"
     if not file.exists():
         return None
@@ -164,7 +167,7 @@ def _vocabulary(path: Path) -> dict | None:
     }
 
 
-def _check_same_vocabulary(base_path: Path, path: Path) -> None:
+def _check_same_vocabulary(base_path: Path | None, path: Path | None) -> None:
     a, b = _vocabulary(base_path), _vocabulary(path)
     if a is None or b is None or a == b:
         return
@@ -314,16 +317,28 @@ def _write_metadata(config: MergeConfig, base: Checkpoint, tmp: Path, out_dtype,
     (tmp / "merge_config.yml").write_text(raw_yaml)
 
 
+def open_checkpoint(path: Path) -> Checkpoint:
+    """A Megatron checkpoint (save root or ``iter_*`` directory) or an HF safetensors directory."""
+    if is_megatron_checkpoint(path):
+        return MegatronCheckpoint(path)
+    return SafetensorsCheckpoint(path)
+
+
 def merge_checkpoints(
-    config: MergeConfig,
-    out_dir: str | Path,
-    options: MergeOptions = MergeOptions(),
-    open_checkpoint=SafetensorsCheckpoint,
+    config: MergeConfig, out_dir: str | Path, options: MergeOptions = MergeOptions()
 ) -> MergeResult:
-    """Merge the configured HF checkpoints into ``out_dir`` (sharded safetensors + index)."""
+    """Merge the configured checkpoints into ``out_dir``, in the base's format: HF (sharded
+    safetensors + index, config, tokenizer) or megatron-core torch_dist."""
     start = time.perf_counter()
     out_dir = Path(out_dir)
     checkpoints: dict[Path, Checkpoint] = {p: open_checkpoint(p) for p in config.inputs}
+    kinds = {type(c).__name__ for c in checkpoints.values()}
+    if len(kinds) > 1:
+        megatron = [str(p) for p, c in checkpoints.items() if isinstance(c, MegatronCheckpoint)]
+        raise UserError(
+            f"mixing Megatron ({megatron[0]}) and HF inputs is not supported: convert one side "
+            "with tools/convert_checkpoint.py"
+        )
     check_compatible(config, checkpoints)
     base_path = config.inputs[0]
     base = checkpoints[base_path]
@@ -338,7 +353,15 @@ def merge_checkpoints(
 
     tmp = _prepare_out_dir(out_dir, options.overwrite)
     try:
-        writer = StreamingSafetensorsWriter(tmp, plan, options.max_shard_bytes)
+        if isinstance(base, MegatronCheckpoint):
+            if out_dtype is None:
+                raise UserError(
+                    f"{base_path}: Megatron output needs one float dtype for all tensors"
+                )
+            merged_from = {"config": _config_to_yaml(config), "seed": options.random_seed}
+            writer = MegatronWriter(base, out_dtype, merged_from)
+        else:
+            writer = StreamingSafetensorsWriter(tmp, plan, options.max_shard_bytes)
         for info in tqdm(
             plan, desc=f"{config.merge_method} merge", unit="tensor", disable=not options.progress
         ):
@@ -347,9 +370,13 @@ def merge_checkpoints(
             del tensors
             writer.write(info.name, merged)
             del merged
-        writer.close()
         raw = yaml.safe_dump(_config_to_yaml(config), sort_keys=False)
-        _write_metadata(config, base, tmp, out_dtype, raw)
+        if isinstance(writer, MegatronWriter):
+            writer.finish(tmp, config.tokenizer_source)
+            (tmp / "merge_config.yml").write_text(raw)
+        else:
+            writer.close()
+            _write_metadata(config, base, tmp, out_dtype, raw)
         _finish_out_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -38,6 +38,18 @@ SAFETENSORS_DTYPES = {
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 INDEX_NAME = "model.safetensors.index.json"
+# Files that make up an HF tokenizer (whichever the tokenizer type uses).
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+)
 SINGLE_NAME = "model.safetensors"
 
 

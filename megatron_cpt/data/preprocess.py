@@ -210,7 +210,9 @@ _WORKER_ENCODER: ChunkEncoder | None = None
 def _init_worker(encoder: ChunkEncoder) -> None:
     global _WORKER_ENCODER
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate() must just end us
+    # SIGTERM is deliberately left alone: a forked worker inherits the parent's handler, which
+    # ends any process but the parent (see _sigterm_as_interrupt). Resetting it here would lose
+    # a Pool.terminate() that arrives while the worker is still starting, and hang the pool.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     _WORKER_ENCODER = encoder
 
@@ -275,7 +277,7 @@ def _sigterm_as_interrupt():
         owner = os.getpid()
 
         def handler(signum, frame):
-            if os.getpid() != owner:  # a freshly forked worker, before its initializer ran
+            if os.getpid() != owner:  # a forked worker: die the default way
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
                 os.kill(os.getpid(), signal.SIGTERM)
                 return

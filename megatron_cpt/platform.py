@@ -352,6 +352,16 @@ def _clip_grad_by_total_norm_cpu(parameters, max_norm, total_norm, use_decoupled
         torch._foreach_mul_(grads, clip_coeff)
 
 
+@contextlib.contextmanager
+def _tensor_cuda_is_identity():
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
 _CPU_RNG_TRACKER_CLASS = None
 
 
@@ -448,6 +458,23 @@ def apply_cpu_patches() -> None:
 
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+
+    # Tied embeddings split over pipeline stages: GPTModel's constructor moves the last stage's
+    # copy of the embedding with ``weight.data.cuda()`` before all-reducing it with the first
+    # stage. A tensor method cannot be redirected through the module's ``torch`` name, so the
+    # call is run with ``Tensor.cuda`` as the identity (CPU tensors stay where they are).
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    setup = LanguageModule.setup_embeddings_and_output_layer
+    if not getattr(setup, "__cpu_patched__", False):
+
+        @functools.wraps(setup)
+        def setup_embeddings_and_output_layer(self, *args, **kwargs):
+            with _tensor_cuda_is_identity():
+                return setup(self, *args, **kwargs)
+
+        setup_embeddings_and_output_layer.__cpu_patched__ = True
+        LanguageModule.setup_embeddings_and_output_layer = setup_embeddings_and_output_layer
 
     # Item 2: model-parallel RNG streams on the CPU generator.
     from megatron.core.tensor_parallel import random as mp_random

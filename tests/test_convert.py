@@ -105,6 +105,7 @@ def test_logits_parity_tp1(tiny, name):
     mc_model, arch = load_megatron_model(mc_dir)
     ids = sample_ids(arch.vocab_size)
     diff = (megatron_logits(mc_model, ids, arch.vocab_size) - hf_logits(model, ids)).abs().max()
+    print(f"{name} TP=1 max |logits diff| {diff:.3g}")
     assert hf_logits(model, ids).abs().max() > 1.0  # logits large enough to expose errors
     assert diff <= TOL, f"{name}: max |logits diff| {diff:.3g}"
 
@@ -312,6 +313,7 @@ def test_smollm2_logits_parity_and_export(smollm2_converted, shared_data, tmp_pa
     ids = real_text_ids(tok, shared_data)
     mc_model, arch = load_megatron_model(mc_dir)
     diff = (megatron_logits(mc_model, ids, arch.vocab_size) - hf_logits(hf, ids)).abs().max()
+    print(f"SmolLM2 TP=1 max |logits diff| {diff:.3g} on {tuple(ids.shape)} real tokens")
     assert diff <= TOL, f"SmolLM2 max |logits diff| {diff:.3g}"
 
     export_hf(ExportConfig(str(mc_dir), str(tmp_path / "hf")))
@@ -322,3 +324,80 @@ def test_smollm2_logits_parity_and_export(smollm2_converted, shared_data, tmp_pa
     text = "Net revenue rose 12% to $4.2 billion."
     assert tok_back(text).input_ids == tok(text).input_ids
     assert torch.equal(back(ids).logits, hf(ids).logits)
+
+
+# ---- integration: the trainer starts CPT from a converted checkpoint -----------------------
+
+
+@pytest.mark.slow
+def test_pretrain_first_loss_equals_hf_loss_on_the_same_batch(smollm2_gguf, shared_data, tmp_path):
+    """tools/pretrain.py --pretrained-checkpoint on a converted tiny HF Llama: its first
+    iteration's lm loss (before any update) must be HF's loss on the same samples. The vocab is
+    SmolLM2's 49152 (a multiple of 128, no padding columns) so both losses see the same logits."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from megatron_cpt import config as train_config
+    from megatron_cpt.data.preprocess import PreprocessConfig, run_preprocess
+    from megatron_cpt.training.data import build_datasets
+    from megatron_cpt.training.trainer import build_settings
+
+    docs = tmp_path / "docs.jsonl"
+    lines = (shared_data / "domain" / "annual_reports.jsonl").read_text().splitlines()[:40]
+    docs.write_text("\n".join(lines) + "\n")
+    run_preprocess(
+        PreprocessConfig(
+            inputs=[str(docs)],
+            output_prefix=str(tmp_path / "reports"),
+            tokenizer_type="HuggingFaceTokenizer",
+            tokenizer_model=str(smollm2_gguf),
+            append_eod=True,
+            log_interval=0,
+        )
+    )
+    torch.manual_seed(0)
+    cfg = dict(TINY["gqa-untied-llama3"], vocab_size=49152)
+    model = LlamaForCausalLM(LlamaConfig(**cfg, initializer_range=0.05)).eval()
+    model.save_pretrained(tmp_path / "hf")
+    import_hf(ImportConfig(str(tmp_path / "hf"), str(tmp_path / "mc")))
+
+    args = [
+        "--pretrained-checkpoint", str(tmp_path / "mc"),
+        "--data-path", str(tmp_path / "reports_text_document"),
+        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(smollm2_gguf),
+        "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
+        "--train-iters", "1", "--split", "100,0,0", "--log-interval", "1",
+        "--run-dir", str(tmp_path / "run"), "--lr", "1e-4",
+    ]  # fmt: skip
+    env = dict(
+        __import__("os").environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO)
+    )
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)  # this process's own one-rank group must not leak into the child
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "pretrain.py"), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in records if r.get("kind") == "train" and r["iteration"] == 1)
+
+    # The same first global batch, rebuilt through the trainer's own data path.
+    settings = build_settings(train_config.parse_args(args))
+    datasets = build_datasets(
+        settings["data"], settings["tokenizer"], settings["batch"].train_samples, 0
+    )
+    samples = [datasets.train[i] for i in range(4)]
+    tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in samples]).long()
+    labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long()
+    mask = torch.stack([torch.as_tensor(s["loss_mask"]) for s in samples]).float()
+    with torch.no_grad():
+        logits = model(tokens).logits
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
+    )
+    hf_loss = float((nll * mask.reshape(-1)).sum() / mask.sum())
+    print(f"first-iteration lm loss: trainer {first['lm_loss']:.8f}  HF {hf_loss:.8f}")
+    assert abs(first["lm_loss"] - hf_loss) <= 1e-4 * hf_loss, (first["lm_loss"], hf_loss)

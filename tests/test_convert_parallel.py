@@ -46,6 +46,7 @@ def check_results(results, layouts):
         diffs = [r["logits_max_abs_diff"] for (lay, _), r in results.items() if lay == layout]
         diffs = [d for d in diffs if d is not None]
         assert diffs, f"{layout}: no rank produced logits"
+        print(f"TPxPP={layout}: max |logits diff| {max(diffs):.3g}")
         assert max(diffs) <= TOL, f"{layout}: max |logits diff| {max(diffs):.3g}"
         if tp > 1:
             for rank in range(2):

@@ -326,6 +326,30 @@ def test_cli_reports_a_missing_model_in_one_line(corpus, tmp_path):
         "model directory with config.json, or a .gguf file)"
     ]
     assert not (tmp_path / "o.jsonl").exists()
+    ok = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "select_data.py"),
+            "--input",
+            str(corpus["path"]),
+            "--output",
+            str(tmp_path / "o.jsonl"),
+            "--metric",
+            "random",
+            "--sampling",
+            "soft",
+            "--documents",
+            "5",
+            "--no-progress",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert "selected 5/40 documents" in ok.stdout and "6 near-duplicates removed" in ok.stdout
+    assert len((tmp_path / "o.jsonl").read_text().splitlines()) == 5
 
 
 def test_compressed_inputs_select_the_same_and_share_the_content_keyed_cache(
@@ -355,3 +379,31 @@ def test_compressed_inputs_select_the_same_and_share_the_content_keyed_cache(
     # Same decompressed content -> same cache entry: the second file is not re-scored.
     assert summary["cache"]["pos-entropy"] == {"cached": 40, "scored": 0}
     assert outputs[0] == outputs[1] and outputs[0].count(b"\n") == 9
+
+
+@pytest.mark.slow
+def test_token_budget_in_real_tokenizer_tokens(corpus, tmp_path, smollm2_gguf):
+    """``--tokens`` counted with the SmolLM2 tokenizer (GGUF), greedy-stop in rank order."""
+    from transformers import AutoTokenizer
+
+    from megatron_cpt.selection.tokens import TokenCounterConfig
+
+    config = _config(
+        corpus,
+        tmp_path,
+        metrics=("random",),
+        budget=Budget("tokens", 3000),
+        tokens=TokenCounterConfig(tokenizer=str(smollm2_gguf)),
+    )
+    summary = run_selection(config)
+    assert summary["tokens"]["unit"] == f"tokens:{smollm2_gguf.name}"
+    tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    rows = [json.loads(x) for x in config.output_paths()[1].read_text().splitlines()]
+    texts = [json.loads(x)["text"] for x in corpus["path"].read_text().splitlines()]
+    for row in rows:
+        assert row["tokens"] == len(tok(texts[row["line"] - 1], add_special_tokens=False).input_ids)
+    kept = sorted((r for r in rows if r["rank"]), key=lambda r: r["rank"])
+    chosen = [r for r in kept if r["selected"]]
+    total = sum(r["tokens"] for r in chosen)
+    assert chosen == kept[: len(chosen)]
+    assert total <= 3000 < total + kept[len(chosen)]["tokens"]

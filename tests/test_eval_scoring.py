@@ -35,8 +35,20 @@ CORPUS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
+def load_tool(name: str):
+    """``tools/NAME.py`` as a module (tools/ is scripts, not a package on sys.path)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "tools" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def make_tiny_llama(path):
+    """A 2-layer random Llama + a BPE tokenizer trained on CORPUS, saved as an HF directory."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -66,10 +78,14 @@ def tiny_dir(tmp_path_factory):
     # random init gives near-uniform logits; sharpen them so greedy/argmax checks mean something
     with torch.no_grad():
         model.lm_head.weight.mul_(20)
-    path = tmp_path_factory.mktemp("tiny_llama")
     model.save_pretrained(path)
     fast.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"))
 
 
 @pytest.fixture(scope="module")
@@ -318,7 +334,7 @@ def finance_dir(tmp_path):
 
 
 def test_cli_writes_results_json(tiny_dir, jsonl, finance_dir, tmp_path, capsys):
-    from tools.evaluate import main
+    main = load_tool("evaluate").main
 
     dom = jsonl([{"text": t} for t in CORPUS[:4]], name="dom.jsonl")
     gen = jsonl([{"text": t} for t in CORPUS[4:]], name="gen.jsonl")
@@ -356,7 +372,8 @@ def test_cli_writes_results_json(tiny_dir, jsonl, finance_dir, tmp_path, capsys)
 )
 def test_cli_errors_are_one_line(tiny_dir, finance_dir, args, message, capsys):
     from megatron_cpt.cli import run
-    from tools.evaluate import main
+
+    main = load_tool("evaluate").main
 
     argv = ["--hf", str(tiny_dir), "--task-data-dir", str(finance_dir), *args]
     with pytest.raises(SystemExit) as exc:

@@ -174,7 +174,9 @@ def test_bad_inputs_are_one_line_errors(inputs, tmp_path):
 
 
 def test_cli(inputs, tmp_path, capsys):
-    from tools.report import main
+    from test_eval_scoring import load_tool
+
+    main = load_tool("report").main
 
     run, evals = inputs
     out = tmp_path / "cli_report"

@@ -172,7 +172,9 @@ def index_corpus(config: SelectionConfig, paths: list[Path]) -> Corpus:
     return corpus
 
 
-def score_corpus(config: SelectionConfig, corpus: Corpus, scorers: dict, root: Path) -> dict:
+def score_corpus(
+    config: SelectionConfig, corpus: Corpus, scorers: dict, root: Path
+) -> tuple[dict, dict]:
     """Scores of kept documents per metric (NaN for duplicates), from the cache or computed."""
     kept = [i for i in range(len(corpus)) if corpus.duplicate_of[i] is None]
     by_file: dict[int, list[int]] = {}

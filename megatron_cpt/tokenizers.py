@@ -104,11 +104,29 @@ LLAMA3_PAT_STR = (
 LLAMA3_NUM_RESERVED_SPECIAL_TOKENS = 256
 TIKTOKEN_MAX_ENCODE_CHARS = 400_000
 MAX_NO_WHITESPACES_CHARS = 25_000
-# A run longer than Meta's limit of whitespace or non-whitespace chars (same classes as
-# str.isspace); only documents containing one need Meta's slow per-character splitter.
-_LONG_RUN = re.compile(
-    rf"\s{{{MAX_NO_WHITESPACES_CHARS + 1},}}|\S{{{MAX_NO_WHITESPACES_CHARS + 1},}}"
-)
+# Runs of whitespace / non-whitespace; ``re``'s ``\s`` is exactly ``str.isspace`` for str patterns.
+_SPACE_RUN = re.compile(r"\s*")
+_WORD_RUN = re.compile(r"\S*")
+
+
+def _has_long_run(s: str, limit: int) -> bool:
+    """Whether ``s`` has a run longer than ``limit`` of whitespace or of non-whitespace.
+
+    Only documents with such a run need Meta's slow per-character splitter. Any run of ``limit``
+    or more characters covers a multiple of ``limit``, so probing the run around each multiple
+    is exact and costs a string reversal instead of a regex scan over every character.
+    """
+    n = len(s)
+    if n <= limit:
+        return False
+    reverse = s[::-1]
+    for p in range(0, n, limit):
+        run = _SPACE_RUN if s[p].isspace() else _WORD_RUN
+        right = run.match(s, p).end()
+        left = n - run.match(reverse, n - 1 - p).end()
+        if right - left > limit:
+            return True
+    return False
 
 
 def llama3_special_tokens() -> list[str]:
@@ -135,7 +153,7 @@ def llama3_special_tokens() -> list[str]:
 
 def _split_long_runs(s: str, max_len: int) -> list[str]:
     """Meta's ``_split_whitespaces_or_nonwhitespaces``, same cut points (tiktoken issue 195)."""
-    if len(s) <= max_len or not _LONG_RUN.search(s):
+    if not _has_long_run(s, max_len):
         return [s]
     out = []
     current_len = 0

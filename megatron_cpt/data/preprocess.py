@@ -39,7 +39,7 @@ from megatron_cpt.data.jsonl import (
     JsonlRecord,
     expand_inputs,
     get_text,
-    iter_raw_lines,
+    open_binary,
     parse_line,
     read_texts,
 )
@@ -72,9 +72,21 @@ def output_prefixes(config: PreprocessConfig) -> dict[str, str]:
 
 @dataclass
 class Chunk:
+    """Whole raw lines of one file: splitting them is left to the worker, off the main process."""
+
     path: str
-    lines: list[tuple[int, bytes]]  # (1-based line number, raw bytes)
-    nbytes: int
+    first_line: int  # 1-based number of the first line in ``data``
+    data: bytes
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.data)
+
+    def lines(self) -> Iterator[tuple[int, bytes]]:
+        """``(line number, raw line)`` for non-blank lines, as ``jsonl.iter_raw_lines`` does."""
+        for number, raw in enumerate(self.data.split(b"\n"), start=self.first_line):
+            if raw.strip():
+                yield number, raw
 
 
 @dataclass
@@ -132,7 +144,7 @@ class ChunkEncoder:
     def __call__(self, chunk: Chunk) -> ChunkResult:
         skipped: Counter = Counter()
         texts: list[list[str]] = [[] for _ in self.json_keys]
-        for number, raw in chunk.lines:
+        for number, raw in chunk.lines():
             try:
                 obj = parse_line(chunk.path, number, raw)
                 record = JsonlRecord(chunk.path, number, obj, len(raw))
@@ -189,18 +201,23 @@ class ChunkEncoder:
 
 
 def iter_chunks(paths: Iterable[Path], chunk_bytes: int) -> Iterator[Chunk]:
-    """Group raw lines into chunks of about ``chunk_bytes``; never across files."""
+    """Read each file in blocks of about ``chunk_bytes``, cut at line ends; never across files."""
     for path in paths:
-        lines: list[tuple[int, bytes]] = []
-        size = 0
-        for number, raw in iter_raw_lines(path):
-            lines.append((number, raw))
-            size += len(raw)
-            if size >= chunk_bytes:
-                yield Chunk(str(path), lines, size)
-                lines, size = [], 0
-        if lines:
-            yield Chunk(str(path), lines, size)
+        number = 1
+        pending: list[bytes] = []  # a line longer than a block spans several reads
+        with open_binary(path) as fh:
+            while block := fh.read(chunk_bytes):
+                cut = block.rfind(b"\n")
+                if cut < 0:
+                    pending.append(block)
+                    continue
+                data = b"".join([*pending, block[: cut + 1]]) if pending else block[: cut + 1]
+                pending = [block[cut + 1 :]] if cut + 1 < len(block) else []
+                yield Chunk(str(path), number, data)
+                number += data.count(b"\n")
+        tail = b"".join(pending)
+        if tail.strip():
+            yield Chunk(str(path), number, tail)
 
 
 # Worker-process state: the encoder arrives once via the pool initializer, not with every task.

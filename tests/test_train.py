@@ -328,7 +328,15 @@ PARALLEL_LAYOUTS = {
 
 
 @pytest.mark.multiproc
-@pytest.mark.parametrize("layout", ["tp2", "pp2", pytest.param("dp2", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "layout",
+    [
+        "tp2",
+        # Each torchrun pair costs ~10-20 s of startup on 2 busy cores: PP/DP run with -m slow.
+        pytest.param("pp2", marks=pytest.mark.slow),
+        pytest.param("dp2", marks=pytest.mark.slow),
+    ],
+)
 def test_parallel_layout_matches_tp1(layout, cpt_run, tmp_path):
     """Same weights (loaded from a TP=1 checkpoint, so dist_checkpointing re-shards them), same
     data, 4 optimizer steps: the losses match the single-process run."""

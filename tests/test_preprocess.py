@@ -285,3 +285,44 @@ def test_existing_dir_or_new_dir_for_outputs(tmp_path, llama3):
     _, prefix = preprocess(tmp_path / "new" / "nested", [src], llama3)
     assert Path(prefix + ".bin").exists()
     shutil.rmtree(tmp_path / "new")
+
+
+def test_blank_lines_crlf_and_missing_final_newline(tmp_path, llama3):
+    src = tmp_path / "raw.jsonl"
+    src.write_bytes(b'{"text": "one"}\r\n\n   \n{"text": "two"}\n{"text": "three"}')
+    for chunk_bytes in (1, 7, 1 << 20):  # blocks smaller than a line, and one block for all
+        summary, prefix = preprocess(
+            tmp_path, [src], llama3, f"c{chunk_bytes}", chunk_bytes=chunk_bytes
+        )
+        assert shard_documents(prefix) == expected_documents(
+            llama3, ["one", "two", "three"], append_eod=False
+        )
+        assert summary["input_bytes"] == src.stat().st_size
+    bad = tmp_path / "bad.jsonl"
+    bad.write_bytes(b'{"text": "one"}\n\n{"text": 3}')
+    with pytest.raises(Exception, match=f"{bad}:3: key 'text' is int"):
+        preprocess(tmp_path, [bad], llama3, "bad", chunk_bytes=5)
+
+
+def test_sentence_splitter_abbreviations_and_keep_newlines():
+    text = "Apple Inc. reported revenue of $3.2 billion. Mr. Smith said U.S. sales rose.\n\nSee Note 5."
+    plain = SentenceSplitter.train([], SentenceSplitterConfig(train_chars=0))
+    assert plain.split(text) == [
+        "Apple Inc. reported revenue of $3.2 billion.",
+        "Mr. Smith said U.S. sales rose.",
+        "See Note 5.",
+    ]
+    keep = SentenceSplitter.train([], SentenceSplitterConfig(train_chars=0, keep_newlines=True))
+    assert "".join(keep.split(text)) == text
+    assert keep.split(text)[1].endswith("rose.\n\n")
+    bare = SentenceSplitter.train(
+        [], SentenceSplitterConfig(train_chars=0, add_common_abbreviations=False)
+    )
+    assert "Apple Inc." in bare.split(text)  # untrained punkt splits after every abbreviation
+
+
+def test_token_dtype_follows_megatron_rule():
+    from megatron.core.datasets.indexed_dataset import DType
+
+    for vocab in (1000, 49152, 65499, 65500, 128256):
+        assert token_dtype(vocab) == DType.optimal_dtype(vocab)

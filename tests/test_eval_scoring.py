@@ -189,6 +189,9 @@ def test_bad_inputs_are_one_line_user_errors(tiny, jsonl, tmp_path):
         load_backend(BackendSpec(hf=str(tmp_path / "nope")))
     with pytest.raises(UserError, match="exactly one"):
         load_backend(BackendSpec())
+    good = jsonl([{"text": CORPUS[0]}], name="good.jsonl")
+    with pytest.raises(UserError, match="exceeds the model's maximum of 256"):
+        evaluate_set(tiny, "g", [str(good)], PerplexityConfig(seq_length=512))
 
 
 # -- lm-eval adapter vs lm-eval's own HF model ----------------------------------------------

@@ -147,6 +147,10 @@ def load_backend(spec: BackendSpec) -> Backend:
     if (spec.hf is None) == (spec.megatron is None):
         raise UserError("give exactly one model: --hf PATH or --megatron CKPT_DIR")
     if spec.hf is not None:
+        if spec.tokenizer is not None:
+            raise UserError("--tokenizer is for --megatron checkpoints; an HF model has its own")
+        if spec.tp != 1 or spec.pp != 1:
+            raise UserError("--tp/--pp apply to --megatron checkpoints only")
         return HFBackend.from_config(
             HFBackendConfig(spec.hf, dtype=spec.dtype, max_length=spec.max_length)
         )

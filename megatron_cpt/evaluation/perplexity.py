@@ -94,6 +94,12 @@ def score_texts(
     backend: Backend, texts: Iterable[str], cfg: PerplexityConfig, desc: str | None = "ppl"
 ) -> tuple[int, int, int, float]:
     """``(docs, tokens, bytes, nll)`` summed over texts; empty texts are not documents."""
+    if cfg.seq_length > backend.max_length:
+        # beyond its trained positions a model's loss says nothing about the data
+        raise UserError(
+            f"--seq-length {cfg.seq_length} exceeds the model's maximum of {backend.max_length} "
+            "positions"
+        )
     prefix = prefix_token(backend, cfg.prefix)
     requests: list[ScoreRequest] = []
     docs = nbytes = 0

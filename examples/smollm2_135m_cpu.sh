@@ -19,6 +19,6 @@ tok=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "$GGUF")
 [[ -f $WORK/shards/general_text_document.idx ]] || $PY tools/preprocess_data.py "${tok[@]}" \
     --input $DATA/general/wikitext2.jsonl --append-eod --output-prefix $WORK/shards/general
 [[ -f $WORK/base-mcore/latest_checkpointed_iteration.txt ]] || $PY tools/convert_checkpoint.py \
-    hf-to-mcore --hf "$GGUF" --out $WORK/base-mcore --model smollm2-135m
+    hf-to-mcore --hf "$GGUF" --out $WORK/base-mcore
 
 exec $PY tools/pretrain.py --config examples/smollm2_135m_cpu.yaml --tokenizer-model "$GGUF" "$@"

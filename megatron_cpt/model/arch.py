@@ -74,6 +74,24 @@ class LlamaArch:
         """A copy with some fields changed (``--num-layers`` etc. overrides on a preset)."""
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
+    def differences(self, other: LlamaArch) -> list[str]:
+        """Fields that differ (floats compared to float32 precision, since GGUF and bf16
+        checkpoints round e.g. ``rms_norm_eps``); ``extra`` (token ids) is ignored."""
+        out = []
+        for f in dataclasses.fields(self):
+            if f.name == "extra":
+                continue
+            a, b = getattr(self, f.name), getattr(other, f.name)
+            if f.name == "head_dim":
+                a, b = self.kv_channels, other.kv_channels
+            if isinstance(a, float) and isinstance(b, float):
+                if abs(a - b) <= 1e-6 * max(abs(a), abs(b)):
+                    continue
+            elif a == b:
+                continue
+            out.append(f"{f.name}: {a} vs {b}")
+        return out
+
     def num_parameters(self, padded_vocab: int | None = None) -> int:
         """Parameter count (for MFU and logs); untied output layer counted once more."""
         vocab = padded_vocab or self.vocab_size

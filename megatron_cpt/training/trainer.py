@@ -158,8 +158,19 @@ def build_settings(args: argparse.Namespace) -> dict:
             f"--tokenizer-model {args.tokenizer_model}: vocabulary of {tokenizer.vocab_size} "
             f"tokens is larger than the model's vocab_size {arch.vocab_size}"
         )
-    if args.pretrained_checkpoint:
-        checkpointing.resolve_checkpoint_dir(args.pretrained_checkpoint)
+    for flag, ckpt in (("--pretrained-checkpoint", args.pretrained_checkpoint),
+                       ("--load", args.load), ("--save", args.save)):  # fmt: skip
+        if not ckpt or (
+            flag != "--pretrained-checkpoint" and not checkpointing.checkpoint_exists(ckpt)
+        ):
+            continue
+        saved = checkpointing.read_metadata(ckpt)["arch"]
+        diff = arch.differences(saved)
+        if diff:
+            raise UserError(
+                f"{flag} {ckpt}: the checkpoint's architecture differs from the requested model "
+                f"({arch_source}): {'; '.join(diff[:3])}; drop --model to use the checkpoint's"
+            )
     for name in ("log_interval", "eval_iters"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1")

@@ -171,3 +171,21 @@ def prepare_corpora(
             "general", general_inputs, out_dir, heldout_fraction, general_source
         ),
     }
+
+
+def write_eval_subset(heldout: Path, out: Path, max_docs: int, max_chars: int) -> Path:
+    """The first ``max_docs`` held-out documents, each cut at ``max_chars`` (on a word boundary).
+
+    Evaluating three models on every held-out token would dominate a CPU demo; a fixed, bounded
+    subset keeps base / CPT / merged comparable at a predictable cost.
+    """
+    tmp = out.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for index, (_, text) in enumerate(read_texts([str(heldout)], "text")):
+            if index >= max_docs:
+                break
+            if len(text) > max_chars:
+                text = text[:max_chars].rsplit(" ", 1)[0]
+            fh.write(json.dumps({"text": text}, ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    return out

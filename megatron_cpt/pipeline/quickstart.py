@@ -53,13 +53,14 @@ class QuickstartConfig:
     global_batch_size: int = 8
     lr: float = 5e-5
     min_lr: float = 5e-6
-    warmup: int = 4
+    warmup_fraction: float = 0.15  # of --steps, so any --steps works
     eval_interval: int = 8
     eval_iters: int = 2
     merge_method: str = "ties"
     merge_density: float = 0.5
     merge_weight: float = 0.5
-    eval_docs: int = 40
+    eval_docs: int = 40  # held-out documents per set ...
+    eval_chars: int = 3000  # ... each cut at this many characters (~700 tokens)
     eval_seq_length: int = 256
     workers: int = 2
 
@@ -223,7 +224,7 @@ class Pipeline:
             "global_batch_size",
             "lr",
             "min_lr",
-            "warmup",
+            "warmup_fraction",
             "eval_interval",
             "eval_iters",
             "domain_weight",
@@ -252,15 +253,23 @@ class Pipeline:
 
         evals = {"base": base_hf, "cpt": cpt_hf, "merged": merged_hf}
         results = self.path("eval")
+        from megatron_cpt.pipeline.corpus import write_eval_subset
+
+        eval_sets = {
+            name: write_eval_subset(data_dir / f"{name}_heldout.jsonl",
+                                    data_dir / f"{name}_eval.jsonl", c.eval_docs, c.eval_chars)
+            for name in ("domain", "general")
+        }  # fmt: skip
         for label, model in evals.items():
             out = results / f"{label}.json"
             self.stage(
-                f"evaluate_{label}", {"docs": c.eval_docs, "seq": c.eval_seq_length},
+                f"evaluate_{label}",
+                {"docs": c.eval_docs, "chars": c.eval_chars, "seq": c.eval_seq_length},
                 lambda out=out: self._check_eval(out),
                 lambda model=model, out=out, label=label: self.tool(
-                    "evaluate.py", "--hf", model, "--data", f"domain={data_dir / 'domain_heldout.jsonl'}",
-                    "--data", f"general={data_dir / 'general_heldout.jsonl'}",
-                    "--max-docs", c.eval_docs, "--seq-length", c.eval_seq_length,
+                    "evaluate.py", "--hf", model, "--data", f"domain={eval_sets['domain']}",
+                    "--data", f"general={eval_sets['general']}",
+                    "--seq-length", c.eval_seq_length, "--batch-size", 4,
                     "--output", out, log=f"evaluate_{label}"),
             )  # fmt: skip
 
@@ -270,7 +279,7 @@ class Pipeline:
                 "report", {}, lambda: (report / "report.md").stat(),
                 lambda: self.tool("report.py", cpt, "--eval",
                                   *[f"{k}={results / (k + '.json')}" for k in evals],
-                                  "--out", report, log="report"),
+                                  "--general", "general", "--out", report, log="report"),
             )  # fmt: skip
         summary = self.summary(results, evals)
         (self.dir / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -288,7 +297,7 @@ class Pipeline:
             "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", base_hf,
             "--seq-length", c.seq_length, "--micro-batch-size", c.micro_batch_size,
             "--global-batch-size", c.global_batch_size, "--train-iters", c.steps,
-            "--lr", c.lr, "--min-lr", c.min_lr, "--lr-warmup-iters", c.warmup,
+            "--lr", c.lr, "--min-lr", c.min_lr, "--lr-warmup-fraction", c.warmup_fraction,
             "--lr-decay-style", "cosine", "--weight-decay", 0.1, "--clip-grad", 1.0,
             "--log-interval", 1, "--eval-interval", c.eval_interval, "--eval-iters", c.eval_iters,
             "--save-interval", c.steps, "--keep-last", 1, "--seed", 1234,
@@ -322,20 +331,15 @@ class Pipeline:
             if f'"{name}"' not in text:
                 raise UserError(f"{path}: no results for {name}")
 
-    @staticmethod
-    def _ppl(result: dict, name: str) -> float | None:
-        """Find a set's perplexity in an evaluate.py results JSON."""
-        sets = result.get("perplexity", result.get("sets", result))
-        entry = sets.get(name) if isinstance(sets, dict) else None
-        return entry.get("ppl") if isinstance(entry, dict) else None
-
     def summary(self, results: Path, evals: dict) -> dict:
+        """Held-out perplexity and bits-per-byte per model (evaluate.py's ``perplexity`` block)."""
         table = {}
         for label in evals:
-            data = json.loads((results / f"{label}.json").read_text())
-            table[label] = {n: self._ppl(data, n) for n in ("domain", "general")}
-        print("\nheld-out perplexity     domain    general")
+            sets = json.loads((results / f"{label}.json").read_text())["perplexity"]
+            table[label] = {n: {"ppl": sets[n]["ppl"], "bpb": sets[n]["bpb"]}
+                            for n in ("domain", "general")}  # fmt: skip
+        print("\nheld-out          domain ppl  general ppl   domain bpb  general bpb")
         for label, row in table.items():
-            cells = "".join(f"{v:10.3f}" if v else "       n/a" for v in row.values())
-            print(f"  {label:<20}{cells}")
-        return {"perplexity": table, "stage_seconds": self.timings, "config": self.cfg.params()}
+            d, g = row["domain"], row["general"]
+            print(f"  {label:<14}{d['ppl']:12.3f}{g['ppl']:13.3f}{d['bpb']:13.4f}{g['bpb']:13.4f}")
+        return {"heldout": table, "stage_seconds": self.timings, "config": self.cfg.params()}

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--domain-weight", type=float, default=d.domain_weight)
     p.add_argument("--eval-interval", type=int, default=d.eval_interval)
     p.add_argument("--eval-docs", type=int, default=d.eval_docs, help="held-out docs per set")
+    p.add_argument("--eval-chars", type=int, default=d.eval_chars, help="characters per eval doc")
+    p.add_argument("--eval-seq-length", type=int, default=d.eval_seq_length)
     p.add_argument("--merge-density", type=float, default=d.merge_density)
     p.add_argument("--merge-weight", type=float, default=d.merge_weight)
     args = p.parse_args(argv)

@@ -9,6 +9,7 @@ the Llama-3-SEC shape of the problem.
 
     python bench/merge.py --size 1b --methods ties,task_arithmetic,slerp   # ~1.2B params
     python bench/merge.py --size tiny                                     # seconds, smoke run
+    python bench/merge.py --trim 20000000        # TIES threshold: radix select vs sort, alone
 """
 
 from __future__ import annotations
@@ -179,16 +180,50 @@ def compare(a: Path, b: Path) -> str:
     return f"{differing / total:.2e} of elements differ (max |diff| {worst:.2e})"
 
 
+def trim_microbench(numel: int, density: float = 0.5) -> None:
+    """TIES's threshold search on one tensor: radix select (ours) vs kthvalue vs mergekit's
+    full argsort, same input, same process."""
+    import torch
+
+    from megatron_cpt.merge.methods import kth_largest_magnitude
+
+    w = torch.randn(numel, generator=torch.Generator().manual_seed(0)).abs()
+    k = max(1, int(density * numel))
+    timings = {}
+    start = time.perf_counter()
+    ours = kth_largest_magnitude(w, k)
+    timings["radix select (ours)"] = time.perf_counter() - start
+    start = time.perf_counter()
+    kth = torch.kthvalue(w, numel - k + 1).values
+    timings["torch.kthvalue"] = time.perf_counter() - start
+    start = time.perf_counter()
+    by_sort = w[torch.argsort(w, descending=True)[k - 1]]
+    timings["argsort (mergekit)"] = time.perf_counter() - start
+    assert ours.item() == kth.item() == by_sort.item()
+    print(
+        f"threshold of {numel:,} magnitudes at density {density} ({torch.get_num_threads()} threads)"
+    )
+    for name, seconds in timings.items():
+        ratio = seconds / timings["radix select (ours)"]
+        print(f"  {name:<22}{seconds:8.3f} s  {ratio:6.1f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
     parser.add_argument("--methods", default="ties,dare_ties,task_arithmetic,linear,slerp")
     parser.add_argument("--workdir", default="/tmp/megatron_cpt_bench_merge")
     parser.add_argument("--keep", action="store_true", help="keep checkpoints and outputs")
+    parser.add_argument(
+        "--trim", type=int, metavar="N", help="only time the TIES threshold on N values"
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
+        return
+    if args.trim:
+        trim_microbench(args.trim)
         return
     import yaml
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -46,6 +47,20 @@ from megatron_cpt.tokenizers import build_tokenizer  # noqa: E402
 SOURCES = ("domain/annual_reports.jsonl", "domain/sec_agreements.jsonl", "general/wikitext2.jsonl")
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process (all threads) plus its reaped children (pool workers)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def measured(fn, *args) -> tuple[int, float, float]:
+    """(tokens, wall seconds, CPU seconds) of one run."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    tokens = fn(*args)
+    return tokens, time.perf_counter() - wall, cpu_seconds() - cpu
+
+
 def build_corpus(target: Path, megabytes: float) -> list[str]:
     data = assets.shared_data_dir()
     if data is None:
@@ -62,8 +77,7 @@ def build_corpus(target: Path, megabytes: float) -> list[str]:
     return [json.loads(line)["text"] for line in out]
 
 
-def ceiling(tokenizer, texts: list[str], workers: int) -> tuple[int, float]:
-    start = time.perf_counter()
+def ceiling(tokenizer, texts: list[str], workers: int) -> int:
     if tokenizer.name == "Llama3Tokenizer":
         ids = tokenizer.model.encode_ordinary_batch(texts, num_threads=workers)
     else:
@@ -71,10 +85,10 @@ def ceiling(tokenizer, texts: list[str], workers: int) -> tuple[int, float]:
         backend = tokenizer.backend
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
         ids = [e.ids for e in encode(texts, add_special_tokens=False)]
-    return sum(map(len, ids)), time.perf_counter() - start
+    return sum(map(len, ids))
 
 
-def ours(tokenizer, corpus: Path, workers: int, out_dir: Path) -> tuple[int, float]:
+def ours(tokenizer, corpus: Path, workers: int, out_dir: Path) -> int:
     config = PreprocessConfig(
         inputs=[str(corpus)],
         output_prefix=str(out_dir / "ours"),
@@ -83,9 +97,7 @@ def ours(tokenizer, corpus: Path, workers: int, out_dir: Path) -> tuple[int, flo
         workers=workers,
         log_interval=0,
     )
-    start = time.perf_counter()
-    summary = run_preprocess(config, tokenizer=tokenizer)
-    return summary["tokens"], time.perf_counter() - start
+    return run_preprocess(config, tokenizer=tokenizer)["tokens"]
 
 
 # --- Megatron-LM's structure (tools/preprocess_data.py), reduced to what costs time ----------
@@ -99,12 +111,11 @@ def _ml_init(tokenizer):
 
 
 def _ml_encode(line: bytes):
-    text = json.loads(line)["text"]
-    ids = _ML_TOKENIZER.encode(text)
+    ids = _ML_TOKENIZER.encode(json.loads(line)["text"])
     return ids, len(line)
 
 
-def megatron_lm_style(tokenizer, corpus: Path, workers: int, out_dir: Path) -> tuple[int, float]:
+def megatron_lm_style(tokenizer, corpus: Path, workers: int, out_dir: Path) -> int:
     import multiprocessing as mp
 
     import torch
@@ -112,20 +123,22 @@ def megatron_lm_style(tokenizer, corpus: Path, workers: int, out_dir: Path) -> t
 
     from megatron_cpt.data.indexed import token_dtype
 
-    start = time.perf_counter()
     builder = IndexedDatasetBuilder(
         str(out_dir / "ml.bin"), dtype=token_dtype(tokenizer.vocab_size)
     )
     tokens = 0
-    with (
-        open(corpus, "rb") as fin,
-        mp.get_context("fork").Pool(workers, _ml_init, (tokenizer,)) as pool,
-    ):
+    ctx = mp.get_context("fork")
+    with open(corpus, "rb") as fin, ctx.Pool(workers, _ml_init, (tokenizer,)) as pool:
         for ids, _ in pool.imap(_ml_encode, fin, 32):
             builder.add_document(torch.tensor(ids, dtype=torch.int64), [len(ids)])
             tokens += len(ids)
+        pool.close()
+        pool.join()
     builder.finalize(str(out_dir / "ml.idx"))
-    return tokens, time.perf_counter() - start
+    return tokens
+
+
+RUNS = {"ceiling": ceiling, "ours": ours, "mlm": megatron_lm_style}
 
 
 def main() -> None:
@@ -140,6 +153,7 @@ def main() -> None:
         "Llama3Tokenizer": assets.llama3_tokenizer_model,
         "HuggingFaceTokenizer": assets.smollm2_gguf,
     }
+    cols = ["ceiling", "ours"] + ([] if args.no_megatron_lm else ["mlm"])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         corpus = tmp / "corpus.jsonl"
@@ -148,32 +162,39 @@ def main() -> None:
         print(
             f"corpus: {len(texts)} documents, {mb:.1f} MB; workers={args.workers}; best of {args.repeats}"
         )
-        header = f"{'tokenizer':<22} {'ceiling tok/s':>14} {'ours tok/s':>12} {'ratio':>6}"
+        print(
+            "tok/s: tokens per wall second; tok/cpu-s: tokens per CPU second of this process and "
+            "its workers (the fair figure when other jobs share the cores)"
+        )
+        header = f"{'tokenizer':<21}" + "".join(
+            f"{c + ' tok/s':>14}{c + ' tok/cpu-s':>18}" for c in cols
+        )
+        header += f"{'ratio':>7}{'ratio cpu':>10}"
         if not args.no_megatron_lm:
-            header += f" {'megatron-lm-style tok/s':>24} {'ours/mlm':>9}"
+            header += f"{'ours/mlm':>9}{'ours/mlm cpu':>13}"
         print(header)
         for name in args.tokenizers:
             tokenizer = build_tokenizer(name, models[name]())
-            best = {"ceiling": 0.0, "ours": 0.0, "mlm": 0.0}
-            counts = {}
+            best = {c: [0.0, 0.0] for c in cols}  # [tokens per wall s, tokens per CPU s]
+            counts: dict[str, int] = {}
             for _ in range(args.repeats):
-                runs = {"ceiling": (ceiling, texts), "ours": (ours, corpus)}
-                if not args.no_megatron_lm:
-                    runs["mlm"] = (megatron_lm_style, corpus)
-                for key, (fn, data) in runs.items():
-                    extra = () if fn is ceiling else (tmp,)
-                    n, seconds = fn(tokenizer, data, args.workers, *extra)
-                    counts.setdefault(key, n)
-                    if counts[key] != n:
+                for key in cols:
+                    data = texts if key == "ceiling" else corpus
+                    extra = () if key == "ceiling" else (tmp,)
+                    n, wall, cpu = measured(RUNS[key], tokenizer, data, args.workers, *extra)
+                    if counts.setdefault(key, n) != n:
                         raise SystemExit(f"{key}: token count changed between runs")
-                    best[key] = max(best[key], n / seconds)
+                    best[key] = [max(best[key][0], n / wall), max(best[key][1], n / cpu)]
             if counts["ours"] != counts["ceiling"]:
                 raise SystemExit(
                     f"{name}: ours wrote {counts['ours']} tokens, ceiling {counts['ceiling']}"
                 )
-            line = f"{name:<22} {best['ceiling']:>14,.0f} {best['ours']:>12,.0f} {best['ours'] / best['ceiling']:>6.2f}"
+            line = f"{name:<21}" + "".join(
+                f"{best[c][0]:>14,.0f}{best[c][1]:>18,.0f}" for c in cols
+            )
+            line += f"{best['ours'][0] / best['ceiling'][0]:>7.2f}{best['ours'][1] / best['ceiling'][1]:>10.2f}"
             if not args.no_megatron_lm:
-                line += f" {best['mlm']:>24,.0f} {best['ours'] / best['mlm']:>9.2f}"
+                line += f"{best['ours'][0] / best['mlm'][0]:>9.2f}{best['ours'][1] / best['mlm'][1]:>13.2f}"
             print(line, flush=True)
 
 

@@ -36,6 +36,8 @@ def _evaluate(nproc: int, args: list[str], out: Path) -> dict:
            "--master_port", str(29500 + os.getpid() % 1000 + nproc),
            str(REPO / "tools" / "evaluate.py"), *args, "--output", str(out)]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        env.pop(key, None)  # set by the in-process conversion's one-rank group
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(out.read_text())

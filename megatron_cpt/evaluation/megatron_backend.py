@@ -82,6 +82,9 @@ def resolve_tokenizer(ckpt_dir: Path, override: str | None) -> Tokenizer:
     except UserError:
         args = {}
     ttype, tmodel = args.get("tokenizer_type"), args.get("tokenizer_model")
+    if ttype == "HuggingFaceTokenizer" and tmodel:
+        # through transformers, exactly as the HF backend loads it: same BOS, same ids
+        return tokenizer_from_path(tmodel)
     if ttype and tmodel:
         from megatron_cpt.tokenizers import build_tokenizer
 
@@ -118,6 +121,9 @@ class MegatronBackend:
         torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
         if torch_dtype is None:
             raise UserError(f"--dtype {dtype}: Megatron evaluation supports float32 or bfloat16")
+        from megatron_cpt.training.checkpointing import resolve_checkpoint_dir
+
+        resolve_checkpoint_dir(path)  # "not a checkpoint" before any tokenizer complaint
         tok = resolve_tokenizer(path, tokenizer)
         model, arch = load_megatron_model(path, tp=tp, pp=pp, dtype=torch_dtype)
         return cls(model, arch, tok, str(path), max_length or arch.max_position_embeddings)

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from megatron_cpt.evaluation.backend import Backend
@@ -51,7 +52,8 @@ def score_requests(
     prepared.sort(key=lambda item: -len(item[1]))
 
     results: list[Score | None] = [None] * len(prepared)
-    bar = tqdm(total=len(prepared), desc=desc, disable=desc is None, unit="seq")
+    quiet = desc is None or (dist.is_initialized() and dist.get_rank() != 0)  # TP/PP: one bar
+    bar = tqdm(total=len(prepared), desc=desc, disable=quiet, unit="seq")
     for start in range(0, len(prepared), batch_size):
         chunk = prepared[start : start + batch_size]
         width = len(chunk[0][1])

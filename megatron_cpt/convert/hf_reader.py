@@ -75,9 +75,17 @@ class HFCheckpoint:
                 raise UserError(f"{file}: not a readable safetensors file ({exc})") from None
         return self._handles[shard]
 
-    def close(self) -> None:
+    def release(self) -> None:
+        """Unmap the shard files. Pages of a memory-mapped file that were read stay in this
+        process's RSS until unmapped, so a converter that never releases ends up "holding" the
+        whole source checkpoint; releasing after each group keeps the mapped part to one group.
+        Reopening a shard only re-reads its JSON header."""
         self._handles.clear()
         self._stack.close()
+        self._stack = ExitStack()
+
+    def close(self) -> None:
+        self.release()
 
     def __enter__(self):
         return self

@@ -96,9 +96,9 @@ def import_hf(cfg: ImportConfig) -> Path:
         with torch.no_grad():
             for names in hf_group_names(lay):
                 for name, tensor in hf_to_mcore_group(names, ckpt.get, lay).items():
-                    target = params[name]
-                    target.data.copy_(tensor)
+                    params[name].data.copy_(tensor)
                     filled.add(name)
+                ckpt.release()
         missing = sorted(
             k
             for k, v in params.items()

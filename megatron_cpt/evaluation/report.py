@@ -174,10 +174,13 @@ def _plt():
 
 
 def _ema(values: list[float], weight: float) -> list[float]:
-    out, last = [], None
-    for v in values:
-        last = v if last is None else weight * last + (1 - weight) * v
-        out.append(last)
+    """TensorBoard's debiased EMA, its window capped at a tenth of the run so a short run's
+    smoothed line does not lag behind the raw one."""
+    weight = min(weight, max(0.0, 1 - 10 / max(len(values), 1)))
+    out, acc = [], 0.0
+    for i, v in enumerate(values, start=1):
+        acc = weight * acc + (1 - weight) * v
+        out.append(acc / (1 - weight**i) if weight > 0 else v)
     return out
 
 
@@ -200,7 +203,7 @@ def plot_training_loss(runs: list[RunMetrics], path: Path, cfg: ReportConfig) ->
                 label=None if smoothed else run.label)  # fmt: skip
         if smoothed:
             ax.plot(xs, _ema(list(ys), cfg.smooth), color=color, linewidth=2,
-                    label=f"{run.label} (EMA {cfg.smooth})")  # fmt: skip
+                    label=f"{run.label} (smoothed)")  # fmt: skip
     ax.set_title("Training loss")
     ax.set_xlabel("iteration")
     ax.set_ylabel("lm loss (nats/token)")
@@ -274,6 +277,9 @@ def plot_comparison(models: list[tuple[str, dict]], path: Path, cfg: ReportConfi
                 f"{s}\n({'general' if is_general(s, cfg.general) else 'domain'})" for s in sets
             ]
             values = [[m["perplexity"].get(s, {}).get(panel) for s in sets] for _, m in models]
+            present = [v for row in values for v in row if v]
+            if panel == "ppl" and present and max(present) / min(present) > 20:
+                ax.set_yscale("log")  # a random-init base next to a trained model
             ax.set_title(
                 {"ppl": "Perplexity (lower is better)", "bpb": "Bits per byte (lower is better)"}[
                     panel
@@ -288,9 +294,12 @@ def plot_comparison(models: list[tuple[str, dict]], path: Path, cfg: ReportConfi
         ax.set_xticks(x, groups, fontsize=8)
         ax.grid(True, axis="y", alpha=0.3)
         top = max((v for row in values for v in row if v is not None), default=1.0)
-        ax.set_ylim(0, (1.0 if panel == "tasks" else top) * 1.25)  # headroom: labels, legend
+        if ax.get_yscale() == "log":
+            ax.set_ylim(top=top * 5)  # headroom for labels and legend
+        else:
+            ax.set_ylim(0, (1.0 if panel == "tasks" else top) * 1.25)
         ax.legend(fontsize=8, loc="upper left", ncol=len(models))
-    fig.suptitle("Base vs CPT vs merged")
+    fig.suptitle(" vs ".join(label for label, _ in models))
     fig.tight_layout()
     fig.savefig(path, dpi=cfg.dpi)
     plt.close(fig)

@@ -1,6 +1,7 @@
-"""Converted checkpoints at TP=2 and PP=2 (2-process torchrun, gloo): logits equal HF's, and
+"""Converted checkpoints at TP=2 and PP=2 (2-process torchrun, gloo): logits equal HF's,
 every TP rank holds exactly the slice the Llama layout rules predict (QKV per query group,
-fc1 per [gate; up] half, row-parallel columns, vocabulary rows).
+fc1 per [gate; up] half, row-parallel columns, vocabulary rows), and a checkpoint saved by the
+TP=2 or PP=2 ranks exports back to the original HF tensors bit for bit.
 
 One converted checkpoint serves every layout: dist_checkpointing re-shards it on load.
 This file is also the worker script that torchrun starts (see ``worker`` below).
@@ -77,6 +78,18 @@ def test_tp2_and_pp2_logits_parity_and_shards(converted_gqa):
     results = run_workers(converted_gqa / "mcore", converted_gqa / "ref.pt", out, LAYOUTS)
     check_results(results, LAYOUTS)
 
+    from safetensors.torch import load_file
+
+    from megatron_cpt.convert.exporter import ExportConfig, export_hf
+
+    original = load_file(converted_gqa / "hf" / "model.safetensors")
+    for layout in LAYOUTS:
+        export_hf(ExportConfig(str(out / f"resaved-{layout}"), str(out / f"hf-{layout}")))
+        exported = load_file(out / f"hf-{layout}" / "model-00001-of-00001.safetensors")
+        assert exported.keys() == original.keys()
+        for key, tensor in original.items():
+            assert torch.equal(exported[key], tensor), f"{layout}: {key}"
+
 
 @pytest.mark.slow
 @pytest.mark.multiproc
@@ -112,7 +125,7 @@ def worker(argv: list[str]) -> None:
     from megatron_cpt.convert import mcore_checkpoint
     from megatron_cpt.convert.loading import load_megatron_model, megatron_logits
     from megatron_cpt.convert.tp import tp_shard
-    from megatron_cpt.training.checkpointing import read_metadata
+    from megatron_cpt.training.checkpointing import read_metadata, save_checkpoint
 
     p = argparse.ArgumentParser()
     p.add_argument("--ckpt", required=True)
@@ -137,6 +150,9 @@ def worker(argv: list[str]) -> None:
                 checked += 1
                 if not torch.equal(param, tp_shard(name, full, tp, tp_rank)):
                     mismatches.append(name)
+        # save again from this layout (the trainer's collective save): the export must read a
+        # checkpoint written by TP=2 or PP=2 ranks back to the same HF tensors
+        save_checkpoint(Path(args.out) / f"resaved-{layout}", 0, [model], arch=arch, save_rng=False)
         rank = torch.distributed.get_rank()
         result = {
             "logits_max_abs_diff": diff,

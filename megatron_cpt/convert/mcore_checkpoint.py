@@ -6,9 +6,11 @@ padded vocabulary), ``DIR/latest_checkpointed_iteration.txt``. The converter add
 (the source config.json, generation config and tokenizer) so that an export is a complete HF
 directory and evaluation finds the right tokenizer.
 
-Reading goes through megatron-core's ``dist_checkpointing.load`` with hand-made
-``ShardedTensor`` requests for one group (one layer) at a time: a checkpoint of any TP/PP is
-read as global tensors without building a model or holding more than one layer.
+Export reads one group (one layer) of *global* tensors at a time straight from the torch_dist
+files through torch DCP, whose resharding helper finds the saved chunks (any TP/PP) that
+overlap the requested region: no model is built and no more than one layer is held. Sharded
+keys stack layers on a leading axis, so layer ``i`` of ``decoder.layers.3.mlp.linear_fc2``
+is row ``i`` of the global ``decoder.layers.mlp.linear_fc2.weight``.
 """
 
 from __future__ import annotations

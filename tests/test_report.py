@@ -187,3 +187,21 @@ def test_cli(inputs, tmp_path, capsys):
         == 0
     )
     assert (out / "report.md").exists() and (out / "comparison.png").exists()
+
+
+def test_unbounded_task_metrics_stay_in_the_table(inputs, tmp_path):
+    from megatron_cpt.evaluation.report import comparison_rows
+
+    _, evals = inputs
+    data = json.loads(evals["base"].read_text())
+    data["tasks"]["wikitext"] = {"word_perplexity": 35.2, "bits_per_byte": 0.9, "num_fewshot": 0}
+    write_json_atomic(evals["base"], data)
+    out = tmp_path / "r"
+    md = build_report(
+        ReportConfig(evals=[f"base={evals['base']}", f"cpt={evals['cpt']}"], out_dir=str(out))
+    ).read_text()
+    assert "| wikitext word_perplexity (0-shot) | 35.200 | – | – |" in md
+    assert (out / "comparison.png").exists()
+    rows = {label: metric for label, metric, _ in comparison_rows(
+        [("base", data), ("cpt", json.loads(evals["cpt"].read_text()))], ReportConfig())}  # fmt: skip
+    assert rows["wikitext bits_per_byte (0-shot)"] == "bits_per_byte"

@@ -259,6 +259,13 @@ def plot_comparison(models: list[tuple[str, dict]], path: Path, cfg: ReportConfi
         for task in _ordered_keys(m["tasks"] for _, m in models)
         for metric in _ordered_keys(m["tasks"].get(task, {}) for _, m in models)
         if metric not in ("num_fewshot", "samples")
+        and metric not in LOWER_IS_BETTER
+        # bars share a 0-1 axis; unbounded task metrics (word_perplexity) stay in the table
+        and all(
+            0.0 <= v <= 1.0
+            for _, m in models
+            if isinstance(v := m["tasks"].get(task, {}).get(metric), int | float)
+        )
     ]
     panels = [p for p in ("ppl", "bpb") if sets] + (["tasks"] if task_metrics else [])
     if not panels:

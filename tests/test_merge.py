@@ -178,7 +178,9 @@ def cfg(method, ckpts, tag, **extra):
 # --------------------------------------------------------------------------- vs references
 def test_ties_matches_reference(ckpts, tmp_path):
     base, a, b = load_inputs(ckpts, "f32")
-    merged = run_ours(cfg("ties", ckpts, "f32", parameters={"lambda": 0.8}), tmp_path / "o")
+    config = cfg("ties", ckpts, "f32", parameters={"lambda": 0.8})
+    config["models"].insert(0, {"model": str(ckpts["base_f32"])})  # mergekit style: base listed
+    merged = run_ours(config, tmp_path / "o")
     for name in base:
         want = ref_ties(base[name], [a[name], b[name]], [0.7, 0.5], [0.4, 0.6], lam=0.8)
         torch.testing.assert_close(merged[name], want, rtol=1e-6, atol=1e-7, msg=name)

@@ -29,6 +29,7 @@ from megatron_cpt.merge.megatron_io import (
     MegatronCheckpoint,
     MegatronWriter,
     is_megatron_checkpoint,
+    tokenizer_dir,
 )
 from megatron_cpt.merge.safetensors_io import (
     TOKENIZER_FILES,
@@ -310,7 +311,7 @@ def _write_metadata(config: MergeConfig, base: Checkpoint, tmp: Path, out_dtype,
     generation = base.path / "generation_config.json"
     if generation.exists():
         shutil.copy2(generation, tmp / generation.name)
-    source = config.tokenizer_source or base.path
+    source = tokenizer_dir(config.tokenizer_source) if config.tokenizer_source else base.path
     for file in TOKENIZER_FILES:
         if (source / file).exists():
             shutil.copy2(source / file, tmp / file)

@@ -4,6 +4,7 @@ GQA/MHA, llama3 RoPE scaling, odd vocab) and the real SmolLM2-135M-Instruct (slo
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -59,14 +60,16 @@ TINY = {
 }
 
 
-def make_tiny_hf(name: str, out: Path, dtype: torch.dtype = torch.float32, seed: int = 0):
+def make_tiny_hf(
+    name: str, out: Path, dtype: torch.dtype = torch.float32, seed: int = 0, **overrides
+):
     """A random HF Llama saved by transformers itself. Weights are drawn wider than HF's init
     (std 0.02 gives near-zero logits that hide layout errors) and norms are not all ones, so a
     swapped norm, a wrong head order or a wrong RoPE frequency moves logits far beyond 1e-4."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(**TINY[name], initializer_range=0.2)
+    config = LlamaConfig(**dict(TINY[name], **overrides), initializer_range=0.2)
     model = LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for pname, p in model.named_parameters():
@@ -334,8 +337,6 @@ def test_pretrain_first_loss_equals_hf_loss_on_the_same_batch(smollm2_gguf, shar
     """tools/pretrain.py --pretrained-checkpoint on a converted tiny HF Llama: its first
     iteration's lm loss (before any update) must be HF's loss on the same samples. The vocab is
     SmolLM2's 49152 (a multiple of 128, no padding columns) so both losses see the same logits."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from megatron_cpt import config as train_config
     from megatron_cpt.data.preprocess import PreprocessConfig, run_preprocess
     from megatron_cpt.training.data import build_datasets
@@ -354,10 +355,7 @@ def test_pretrain_first_loss_equals_hf_loss_on_the_same_batch(smollm2_gguf, shar
             log_interval=0,
         )
     )
-    torch.manual_seed(0)
-    cfg = dict(TINY["gqa-untied-llama3"], vocab_size=49152)
-    model = LlamaForCausalLM(LlamaConfig(**cfg, initializer_range=0.05)).eval()
-    model.save_pretrained(tmp_path / "hf")
+    model = make_tiny_hf("gqa-untied-llama3", tmp_path / "hf", vocab_size=49152)
     import_hf(ImportConfig(str(tmp_path / "hf"), str(tmp_path / "mc")))
 
     args = [
@@ -400,4 +398,5 @@ def test_pretrain_first_loss_equals_hf_loss_on_the_same_batch(smollm2_gguf, shar
     )
     hf_loss = float((nll * mask.reshape(-1)).sum() / mask.sum())
     print(f"first-iteration lm loss: trainer {first['lm_loss']:.8f}  HF {hf_loss:.8f}")
+    assert abs(hf_loss - math.log(49152)) > 1.0  # far from uniform: weights matter
     assert abs(first["lm_loss"] - hf_loss) <= 1e-4 * hf_loss, (first["lm_loss"], hf_loss)

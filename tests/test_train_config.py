@@ -87,6 +87,8 @@ def test_config_errors_before_compute(tmp_path, monkeypatch):
         build_settings(_args(tmp_path, "--data-path", "1.0", missing))
     with pytest.raises(UserError, match="--global-batch-size 6 is not divisible"):
         build_settings(_args(tmp_path, "--micro-batch-size", "4", "--global-batch-size", "6"))
+    with pytest.raises(UserError, match="--load .*: no published checkpoint there"):
+        build_settings(_args(tmp_path, "--load", str(tmp_path / "empty")))
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(UserError, match="does not divide num_attention_heads"):
         build_settings(_args(tmp_path, "--tensor-model-parallel-size", "3"))

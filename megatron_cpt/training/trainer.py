@@ -118,6 +118,15 @@ def _apply_overrides(arch: LlamaArch, args: argparse.Namespace) -> LlamaArch:
 def build_settings(args: argparse.Namespace) -> dict:
     """Every config check that needs no process group, model or data: one line, before compute."""
     world = _world_size_from_env()
+    if (
+        args.load
+        and not checkpointing.checkpoint_exists(args.load)
+        and not args.pretrained_checkpoint
+    ):
+        raise UserError(
+            f"--load {args.load}: no published checkpoint there (give --pretrained-checkpoint "
+            "for a CPT start, or drop --load to train from scratch)"
+        )
     arch, arch_source = resolve_arch(args)
     build = ModelBuildConfig(
         tensor_parallel=args.tensor_model_parallel_size,
@@ -340,8 +349,6 @@ class Trainer:
             if candidate and checkpointing.latest_iteration(candidate) is not None:
                 resume_dir = candidate
                 break
-        if resume_dir is None and ck.load and not ck.pretrained_checkpoint:
-            checkpointing.resolve_checkpoint_dir(ck.load)  # raises a clear error
         if resume_dir is not None:
             state = checkpointing.load_checkpoint(
                 resume_dir, self.model, self.optimizer, self.scheduler

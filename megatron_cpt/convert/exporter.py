@@ -39,6 +39,7 @@ class ExportConfig:
 
 
 def export_hf(cfg: ExportConfig) -> Path:
+    output = AtomicDirectory(cfg.out_dir, overwrite=cfg.overwrite)  # refuses a non-empty --out now
     load = Path(cfg.load_dir)
     meta = read_metadata(load)
     arch = meta["arch"]
@@ -53,7 +54,7 @@ def export_hf(cfg: ExportConfig) -> Path:
     side = _side_dir(load, meta)
     tokenizer = _load_tokenizer(cfg.tokenizer_from, side / "tokenizer")
 
-    with AtomicDirectory(cfg.out_dir, overwrite=cfg.overwrite) as tmp:
+    with output as tmp:
         writer = SafetensorsShardWriter(tmp, ShardWriterConfig(cfg.max_shard_bytes, dtype))
         for names in mcore_group_names(lay):
             group = reader.read(names)

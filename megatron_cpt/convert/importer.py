@@ -52,6 +52,7 @@ class ImportConfig:
 
 def import_hf(cfg: ImportConfig) -> Path:
     """Convert; returns the output directory. Raises UserError for anything the user can fix."""
+    output = AtomicDirectory(cfg.out_dir, overwrite=cfg.overwrite)  # refuses a non-empty --out now
     with open_hf_checkpoint(cfg.hf_path) as ckpt:
         arch = from_hf_config(ckpt.config)
         if cfg.model is not None:
@@ -115,7 +116,7 @@ def import_hf(cfg: ImportConfig) -> Path:
             "target_pipeline_parallel": cfg.pipeline_parallel,
             "dtype": dtype_name,
         }
-        with AtomicDirectory(cfg.out_dir, overwrite=cfg.overwrite) as tmp:
+        with output as tmp:
             save_checkpoint(
                 tmp,
                 0,

@@ -88,8 +88,12 @@ def ceiling(tokenizer, texts: list[str], workers: int) -> int:
     return sum(map(len, ids))
 
 
+CHUNK_BYTES = PreprocessConfig.chunk_bytes
+
+
 def ours(tokenizer, corpus: Path, workers: int, out_dir: Path) -> int:
     config = PreprocessConfig(
+        chunk_bytes=CHUNK_BYTES,
         inputs=[str(corpus)],
         output_prefix=str(out_dir / "ours"),
         tokenizer_type=tokenizer.name,
@@ -148,7 +152,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tokenizers", nargs="+", default=["Llama3Tokenizer", "HuggingFaceTokenizer"])
     p.add_argument("--no-megatron-lm", action="store_true", help="skip the Megatron-LM-style run")
+    p.add_argument(
+        "--chunk-bytes", type=int, default=PreprocessConfig.chunk_bytes, help="raw bytes per task"
+    )
     args = p.parse_args()
+    globals()["CHUNK_BYTES"] = args.chunk_bytes
     models = {
         "Llama3Tokenizer": assets.llama3_tokenizer_model,
         "HuggingFaceTokenizer": assets.smollm2_gguf,
@@ -160,7 +168,8 @@ def main() -> None:
         texts = build_corpus(corpus, args.mb)
         mb = corpus.stat().st_size / 1e6
         print(
-            f"corpus: {len(texts)} documents, {mb:.1f} MB; workers={args.workers}; best of {args.repeats}"
+            f"corpus: {len(texts)} documents, {mb:.1f} MB; workers={args.workers}; "
+            f"chunk_bytes={args.chunk_bytes}; best of {args.repeats}"
         )
         print(
             "tok/s: tokens per wall second; tok/cpu-s: tokens per CPU second of this process and "

@@ -333,6 +333,7 @@ def load_checkpoint(
 
     sharded = _model_sharded_state_dict(model_chunks)
     _check_model_keys(ckpt, sharded, meta)
+    sharded = _drop_absent_extra_state(ckpt, sharded)
     same_layout = meta.get("world_size") == _parallel_info()["world_size"] and all(
         meta.get(k) == v for k, v in _parallel_info().items()
     )
@@ -361,7 +362,12 @@ def load_checkpoint(
 
     for i, chunk in enumerate(model_chunks):
         key = "model" if len(model_chunks) == 1 else f"model{i}"
-        chunk.load_state_dict(loaded[key], strict=False)
+        # ``_extra_state`` (TE's FP8 metadata) may be absent from a local-spec or converted
+        # checkpoint; every real tensor must be there.
+        result = chunk.load_state_dict(loaded[key], strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing:
+            raise UserError(f"{ckpt}: the checkpoint does not set '{missing[0]}'")
     result: dict = {"metadata": meta, "rng_restored": False, "iteration": 0}
     if weights_only:
         return result
@@ -377,6 +383,32 @@ def load_checkpoint(
     result.update(common.get("state", {}))
     result["iteration"] = int(common.get("iteration", meta.get("iteration", 0)))
     return result
+
+
+def _drop_absent_extra_state(ckpt: Path, sharded: dict) -> dict:
+    """Don't ask for TE ``_extra_state`` objects a checkpoint written without TE lacks."""
+    from megatron.core.dist_checkpointing.dict_utils import extract_matching_values
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    wanted = [
+        v for v in _nested(sharded) if isinstance(v, ShardedBase) and v.key.endswith("_extra_state")
+    ]
+    if not wanted:
+        return sharded
+    saved = set(load_sharded_metadata(str(ckpt)).keys())
+
+    def absent(v) -> bool:
+        return isinstance(v, ShardedBase) and v.key.endswith("_extra_state") and v.key not in saved
+
+    _, kept = extract_matching_values(sharded, absent)
+    return kept
+
+
+def _nested(d):
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    return nested_values(d)
 
 
 def _check_model_keys(ckpt: Path, sharded: dict, meta: dict) -> None:

@@ -14,7 +14,7 @@ import pytest
 from test_preprocess import expected_documents, shard_documents
 
 from megatron_cpt.data.preprocess import PreprocessConfig, run_preprocess
-from megatron_cpt.errors import BadInputError
+from megatron_cpt.errors import BadInputError, UserError
 from megatron_cpt.tokenizers import build_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -181,3 +181,27 @@ def test_interrupted_run_leaves_no_valid_looking_pair(
     assert leftovers(out) == []
     time.sleep(0.1)  # orphaned workers would still be writing; there must be none
     assert leftovers(out) == []
+
+
+@pytest.mark.parametrize("compress", ["gz", "zst"])
+def test_truncated_compressed_input_is_one_line_and_leaves_nothing(tmp_path, llama3, compress):
+    from test_preprocess import write_jsonl
+
+    records = [{"text": f"document {i} " * 50} for i in range(400)]
+    src = write_jsonl(tmp_path / f"in.jsonl.{compress}", records, compress)
+    src.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
+    with pytest.raises(UserError, match=f"{src}: corrupt or truncated compressed data") as info:
+        run_preprocess(config_for(tmp_path, src, workers=2, skip_bad_lines=True), tokenizer=llama3)
+    assert "\n" not in str(info.value)
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_unwritable_output_prefix_is_one_line(tmp_path, llama3):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "x"}\n')
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    config = config_for(tmp_path, src)
+    config.output_prefix = str(blocker / "sub" / "out")
+    with pytest.raises(UserError, match="cannot write"):
+        run_preprocess(config, tokenizer=llama3)

@@ -326,3 +326,32 @@ def test_token_dtype_follows_megatron_rule():
 
     for vocab in (1000, 49152, 65499, 65500, 128256):
         assert token_dtype(vocab) == DType.optimal_dtype(vocab)
+
+
+def test_chunk_encoder_survives_pickling_for_spawned_workers(tmp_path, hf, sp, llama3):
+    """Under spawn/forkserver the encoder is pickled to each worker: results must not change."""
+    import pickle
+
+    from megatron_cpt.data.preprocess import ChunkEncoder, iter_chunks
+
+    src = write_jsonl(
+        tmp_path / "e.jsonl", edge_records()[:12] + [{"text": "Mr. Smith left. He came back."}]
+    )
+    splitter = SentenceSplitter.train([], SentenceSplitterConfig(train_chars=0))
+    for tok in (llama3, hf, sp):
+        encoder = ChunkEncoder(
+            tok,
+            ("text",),
+            token_dtype(tok.vocab_size),
+            append_eod=True,
+            skip_bad_lines=False,
+            splitter=splitter,
+        )
+        clone = pickle.loads(pickle.dumps(encoder))
+        for chunk in iter_chunks([src], 200):
+            a, b = encoder(chunk), clone(chunk)
+            assert a.skipped == b.skipped
+            assert [k.tokens.tobytes() for k in a.keys] == [k.tokens.tobytes() for k in b.keys]
+            assert [k.sequence_lengths.tolist() for k in a.keys] == [
+                k.sequence_lengths.tolist() for k in b.keys
+            ]

@@ -144,6 +144,19 @@ def main(argv=None) -> int:
             ],
         ),  # fmt: skip
         (
+            "mcore-to-hf (ours, 0.5 GiB shards)",
+            [
+                *tool,
+                "mcore-to-hf",
+                "--load",
+                str(work / "mcore"),
+                "--out",
+                str(work / "hf_out_small"),
+                "--max-shard-size-gb",
+                "0.5",
+            ],
+        ),  # fmt: skip
+        (
             "naive: transformers load+save",
             [sys.executable, "-c", NAIVE, str(work / "hf"), str(work / "naive")],
         ),

@@ -36,8 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument(
         "--tokenizer", help="Megatron only: tokenizer file/dir overriding the checkpoint's"
     )
-    m.add_argument("--tp", type=int, default=1, help="tensor parallel size to load with")
-    m.add_argument("--pp", type=int, default=1, help="pipeline parallel size to load with")
+    m.add_argument(
+        "--tp", type=int, default=1, help="tensor parallel size (run under torchrun, TP*PP ranks)"
+    )
+    m.add_argument(
+        "--pp", type=int, default=1, help="pipeline parallel size (run under torchrun, TP*PP ranks)"
+    )
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     d = p.add_argument_group("perplexity / bits-per-byte")
     d.add_argument(

@@ -349,6 +349,9 @@ def test_parallel_layout_matches_tp1(layout, cpt_run, tmp_path):
     check_ok(proc)
     losses = losses_by_iteration(tmp_path)
     assert sorted(losses) == [1, 2, 3, 4]
+    parallel = json.loads((tmp_path / "run_summary.json").read_text())["parallel"]
+    expected = {"tp2": (2, 1, 1), "pp2": (1, 2, 1), "dp2": (1, 1, 2)}[layout]
+    assert (parallel["tensor"], parallel["pipeline"], parallel["data"]) == expected
     for it in (1, 2, 3, 4):
         assert math.isclose(losses[it], reference[it], rel_tol=1e-4), (it, losses, reference)
     assert abs(losses[4] - losses[1]) > 1e-3  # the updates really changed the model

@@ -493,6 +493,8 @@ class Trainer:
         return tokens * (6 * dense + attn)
 
     def train(self) -> dict:
+        from megatron.core import parallel_state as ps
+
         log = self.s["log"]
         ck = self.s["ckpt"]
         start = time.time()
@@ -574,6 +576,12 @@ class Trainer:
             "start": self.start_mode,
             "arch": self.arch.to_hf_config(),
             "padded_vocab_size": self.padded_vocab,
+            "parallel": {
+                "tensor": ps.get_tensor_model_parallel_world_size(),
+                "pipeline": ps.get_pipeline_model_parallel_world_size(),
+                "data": self.dp_size,
+                "world": dist.get_world_size(),
+            },
             "realized_blend": realized_blend(
                 self.datasets.train, self.consumed_samples, self.datasets.train_prefixes
             ),

@@ -400,3 +400,14 @@ def test_pretrain_first_loss_equals_hf_loss_on_the_same_batch(smollm2_gguf, shar
     print(f"first-iteration lm loss: trainer {first['lm_loss']:.8f}  HF {hf_loss:.8f}")
     assert abs(hf_loss - math.log(49152)) > 1.0  # far from uniform: weights matter
     assert abs(first["lm_loss"] - hf_loss) <= 1e-4 * hf_loss, (first["lm_loss"], hf_loss)
+
+
+def test_requested_model_accepts_float32_rounded_norm_eps():
+    """A GGUF stores rms_norm_eps as float32 (SmolLM2: 9.99999975e-06 for 1e-5)."""
+    from megatron_cpt.convert.layout import check_requested_model
+    from megatron_cpt.model.arch import get_arch
+
+    preset = get_arch("smollm2-135m")
+    check_requested_model(preset, preset.replace(norm_eps=9.99999975e-06), "smollm2-135m")
+    with pytest.raises(UserError, match="field 'norm_eps'"):
+        check_requested_model(preset, preset.replace(norm_eps=1e-6), "smollm2-135m")

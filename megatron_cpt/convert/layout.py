@@ -7,8 +7,6 @@ Both fail with one line that names the field, instead of a shape error deep in m
 
 from __future__ import annotations
 
-import dataclasses
-
 from megatron_cpt.convert.mapping import TensorLayout, expected_hf_shapes
 from megatron_cpt.errors import UserError
 from megatron_cpt.model import LlamaArch
@@ -73,15 +71,15 @@ def check_hf_shapes(ckpt, lay: TensorLayout) -> None:
 
 
 def check_requested_model(requested: LlamaArch, actual: LlamaArch, requested_name: str) -> None:
-    """``--model NAME`` must describe the checkpoint; name the first field that differs."""
-    for f in dataclasses.fields(LlamaArch):
-        if not f.compare:
-            continue
-        want, got = getattr(requested, f.name), getattr(actual, f.name)
-        if f.name == "head_dim":
-            want, got = requested.kv_channels, actual.kv_channels
-        if want != got:
-            raise UserError(
-                f"--model {requested_name}: field '{f.name}' is {want!r} but the checkpoint "
-                f"has {got!r}"
-            )
+    """``--model NAME`` must describe the checkpoint; name the first field that differs.
+
+    Floats compare at float32 precision (``LlamaArch.differences``): a GGUF stores
+    ``rms_norm_eps`` as float32, so SmolLM2's 1e-5 reads back as 9.99999975e-06.
+    """
+    diffs = requested.differences(actual)
+    if diffs:
+        field, values = diffs[0].split(": ", 1)
+        want, got = values.split(" vs ", 1)
+        raise UserError(
+            f"--model {requested_name}: field '{field}' is {want} but the checkpoint has {got}"
+        )

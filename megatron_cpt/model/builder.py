@@ -196,8 +196,7 @@ def build_model(
             high_freq_factor=arch.rope_scaling.high_freq_factor,
             original_max_position_embeddings=arch.rope_scaling.original_max_position_embeddings,
         )
-    if platform.has_cuda():
-        model.cuda(torch.cuda.current_device())
+    model.to(platform.device())  # this rank's GPU; a no-op on CPU
     return model
 
 

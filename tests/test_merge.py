@@ -285,6 +285,16 @@ def test_radix_select_equals_kthvalue_with_duplicates():
             assert methods.kth_largest_magnitude(w, k).item() == want.item(), (w[:5], k)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_trim_equals_stable_sort_reference_in_every_dtype(dtype):
+    """16-bit tensors are ranked on their own bit patterns (no float32 copy): same order."""
+    g = torch.Generator().manual_seed(3)
+    delta = (torch.randn(300, 70, generator=g) * 0.01).to(dtype)  # bf16/fp16: many equal values
+    delta[0, :10] = 0
+    for density in (0.01, 0.37, 0.5, 0.99):
+        assert torch.equal(methods.magnitude_trim(delta, density), ref_trim(delta, density))
+
+
 def test_trim_ties_at_threshold_keep_exactly_k_lowest_index_first():
     delta = torch.tensor([0.5, -1.0, 1.0, 0.2, -1.0, 1.0, 3.0])
     kept = methods.magnitude_trim(delta, 0.5)  # k = 3: the 3.0, then the first two of the 1.0s

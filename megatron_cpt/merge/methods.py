@@ -58,29 +58,71 @@ TASK_ARITHMETIC_FAMILY: dict[str, MethodSpec] = {
 METHODS = (*TASK_ARITHMETIC_FAMILY, "linear", "slerp")
 
 
-def kth_largest_magnitude(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
-    """The k-th largest value of a flat, non-negative float32 tensor, by radix select.
+# Radix-select passes histogram this many elements at a time, so no full-size integer temporary
+# (bincount may widen its input) is ever allocated for a large tensor.
+_HIST_CHUNK = 1 << 24
 
-    Non-negative IEEE floats order like their int32 bit patterns, so two bincount passes (high
-    16 bits, then low 16 bits inside the selected bucket) find the exact k-th value in O(n)
-    without sorting. NaNs sort above +inf, as in a descending sort that puts NaN first.
+
+def _histogram(keys: torch.Tensor, bins: int, shift: int = 0, mask: int | None = None):
+    counts = torch.zeros(bins, dtype=torch.int64)
+    for start in range(0, keys.numel(), _HIST_CHUNK):
+        part = keys[start : start + _HIST_CHUNK]
+        if shift:
+            part = part >> shift
+        if mask is not None:
+            part = part & mask
+        counts += torch.bincount(part, minlength=bins)
+    return counts
+
+
+def _select(counts: torch.Tensor, k: int) -> tuple[int, int]:
+    """The bin holding the k-th largest element, and how many elements lie above that bin."""
+    at_or_above = counts.flip(0).cumsum(0).flip(0)
+    index = int((at_or_above >= k).nonzero().max())
+    above = int(at_or_above[index + 1]) if index + 1 < at_or_above.numel() else 0
+    return index, above
+
+
+def magnitude_keys(tensor: torch.Tensor) -> torch.Tensor:
+    """Flat integer keys ordered exactly like ``|tensor|`` as float32 (mergekit's sort key).
+
+    Non-negative IEEE floats order like their bit patterns read as integers, so a 16-bit tensor
+    needs no float32 copy at all (bf16/fp16 -> fp32 is exact and monotonic) and fp32 needs none
+    beyond ``abs``. float64 is rounded to float32 first, as mergekit does on CPU.
     """
-    bits = magnitudes.view(torch.int32)
-    high = bits >> 16
-    at_or_above = torch.bincount(high, minlength=1 << 15).flip(0).cumsum(0).flip(0)
-    bucket = int((at_or_above >= k).nonzero().max())
-    above_bucket = int(at_or_above[bucket + 1]) if bucket + 1 < at_or_above.numel() else 0
-    low = bits[high == bucket] & 0xFFFF
-    low_at_or_above = torch.bincount(low, minlength=1 << 16).flip(0).cumsum(0).flip(0)
-    low_bits = int((low_at_or_above >= k - above_bucket).nonzero().max())
-    return torch.tensor((bucket << 16) | low_bits, dtype=torch.int32).view(torch.float32)
+    magnitudes = tensor.abs().reshape(-1)
+    if magnitudes.dtype in (torch.bfloat16, torch.float16):
+        return magnitudes.view(torch.int16)
+    return magnitudes.to(torch.float32).view(torch.int32)
+
+
+def kth_largest_key(keys: torch.Tensor, k: int) -> int:
+    """The k-th largest of non-negative int16/int32 keys by radix select: O(n), no sort.
+
+    NaNs have the largest keys, as in a descending sort that puts NaN first.
+    """
+    if keys.dtype == torch.int16:
+        return _select(_histogram(keys, 1 << 15), k)[0]
+    high, above = _select(_histogram(keys, 1 << 15, shift=16), k)
+    low_keys = torch.cat(
+        [p[(p >> 16) == high] for p in keys.split(_HIST_CHUNK)]
+    )  # only the elements of the selected high bucket
+    low, _ = _select(_histogram(low_keys, 1 << 16, mask=0xFFFF), k - above)
+    return (high << 16) | low
+
+
+def kth_largest_magnitude(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest value of a flat, non-negative float32 tensor (see kth_largest_key)."""
+    key = kth_largest_key(magnitudes.view(torch.int32), k)
+    return torch.tensor(key, dtype=torch.int32).view(torch.float32)
 
 
 def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     """TIES trim: keep the ``max(1, int(density * n))`` largest-magnitude entries, zero the rest.
 
     Exactly k survive; among entries equal in magnitude at the threshold the lower flat indices
-    win, so the result is deterministic and independent of how the tensor is sharded.
+    win, so the result is deterministic and independent of how the tensor is sharded. Working
+    memory is the integer keys (2 or 4 bytes per element) and a bool mask.
     """
     if density >= 1:
         return delta
@@ -88,14 +130,14 @@ def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     if density <= 0 or numel == 0:
         return torch.zeros_like(delta)
     k = max(1, int(density * numel))
-    magnitudes = delta.abs().reshape(-1).float()
-    threshold = kth_largest_magnitude(magnitudes, k)
-    keep = magnitudes > threshold
+    keys = magnitude_keys(delta)
+    threshold = kth_largest_key(keys, k)
+    keep = keys > threshold
     missing = k - int(keep.sum())
     if missing > 0:
-        keep[(magnitudes == threshold).nonzero().squeeze(1)[:missing]] = True
-    del magnitudes
-    return delta * keep.reshape(delta.shape).to(delta.dtype)
+        keep[(keys == threshold).nonzero().squeeze(1)[:missing]] = True
+    del keys
+    return delta.masked_fill(~keep.reshape(delta.shape), 0)
 
 
 def random_drop(

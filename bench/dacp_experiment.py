@@ -91,6 +91,7 @@ def train(model, batches: torch.Tensor, seed: int, lr: float) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     losses = []
     for batch in batches:
+        batch = batch.to(model.device)
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

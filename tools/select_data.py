@@ -68,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--task-key", default="text")
     sim.add_argument("--embedding-model", default=SimilarityConfig.model)
     sim.add_argument("--embedding-batch-size", type=int, default=SimilarityConfig.batch_size)
+    sim.add_argument("--embedding-device", help="torch device (default: GPU if present, else CPU)")
 
     ppl = p.add_argument_group("perplexity (ETA-DACP novelty)")
     ppl.add_argument(
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ppl.add_argument("--proxy-max-tokens", type=int, default=PerplexityConfig.max_tokens)
     ppl.add_argument("--proxy-batch-size", type=int, default=PerplexityConfig.batch_size)
+    ppl.add_argument("--proxy-device", help="torch device (default: GPU if present, else CPU)")
 
     pos = p.add_argument_group("pos-entropy (ETA-DACP diversity)")
     pos.add_argument("--spacy-model", default=PosEntropyConfig.model)
@@ -121,11 +123,13 @@ def config_from_args(args: argparse.Namespace) -> SelectionConfig:
             task_key=args.task_key,
             model=args.embedding_model,
             batch_size=args.embedding_batch_size,
+            device=args.embedding_device,
         ),
         perplexity=PerplexityConfig(
             model=args.proxy_model,
             max_tokens=args.proxy_max_tokens,
             batch_size=args.proxy_batch_size,
+            device=args.proxy_device,
         ),
         pos_entropy=PosEntropyConfig(model=args.spacy_model, max_chars=args.pos_max_chars),
         tokens=TokenCounterConfig(tokenizer=args.tokenizer),

@@ -28,6 +28,7 @@ class PerplexityConfig:
     model: str = DEFAULT_PROXY_MODEL  # HF dir, .gguf file, or "smollm2" (the shipped default)
     max_tokens: int = 512
     batch_size: int = 8
+    device: str | None = None  # None: megatron_cpt.platform.device() (the GPU when there is one)
 
 
 def resolve_proxy_model(model: str) -> Path:
@@ -51,8 +52,8 @@ def resolve_proxy_model(model: str) -> Path:
     )
 
 
-def load_causal_lm(path: Path):
-    """Model and tokenizer from an HF directory or a GGUF file, float32 on CPU, eval mode."""
+def load_causal_lm(path: Path, device: str | None = None):
+    """Model and tokenizer from an HF directory or a GGUF file, float32, eval mode."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -67,7 +68,9 @@ def load_causal_lm(path: Path):
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"--proxy-model {path}: cannot load a causal LM ({first})") from None
-    model.eval()
+    from megatron_cpt import platform
+
+    model.to(device or platform.device()).eval()
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "right"
@@ -92,7 +95,7 @@ class PerplexityScorer:
 
     def _load(self):
         if self._model is None:
-            self._model, self._tokenizer = load_causal_lm(self.model_path)
+            self._model, self._tokenizer = load_causal_lm(self.model_path, self.config.device)
         return self._model, self._tokenizer
 
     def score(self, texts: list[str]) -> list[float]:
@@ -131,6 +134,7 @@ def batch_nll(model, tokenizer, ids: list[list[int]]) -> list[tuple[float, int]]
         input_ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
     with torch.inference_mode():
+        input_ids, mask = input_ids.to(model.device), mask.to(model.device)
         logits = model(input_ids=input_ids, attention_mask=mask).logits[:, :-1].float()
     valid = mask[:, 1:].bool()
     nll = torch.nn.functional.cross_entropy(

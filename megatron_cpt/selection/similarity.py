@@ -33,7 +33,7 @@ class SimilarityConfig:
     task_key: str = "text"
     model: str = DEFAULT_EMBEDDING_MODEL  # a sentence-transformers dir, or the packaged default
     batch_size: int = 64
-    device: str | None = None
+    device: str | None = None  # None: megatron_cpt.platform.device()
 
 
 def resolve_embedding_model(model: str) -> Path:
@@ -88,7 +88,10 @@ class TaskSimilarityScorer:
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
             from sentence_transformers import SentenceTransformer
 
-            self._model = SentenceTransformer(str(self.model_path), device=self.config.device)
+            from megatron_cpt import platform
+
+            device = self.config.device or str(platform.device())
+            self._model = SentenceTransformer(str(self.model_path), device=device)
             self._task_mean = self.embed(self.task_texts).mean(axis=0)
         return self._model
 

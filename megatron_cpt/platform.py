@@ -100,29 +100,25 @@ def init_distributed(timeout_minutes: int = 30) -> tuple[int, int]:
     Under torchrun the ``RANK``/``WORLD_SIZE``/``MASTER_*`` variables describe the job. A plain
     ``python tools/pretrain.py`` (or a test) gets a one-rank group on a free local port, because
     megatron-core calls ``torch.distributed.get_rank()`` even for one process (the blended
-    dataset builder does).
+    dataset builder does). That group is addressed by a private ``tcp://`` URL rather than by
+    exporting ``RANK``/``MASTER_PORT``: exported variables would be inherited by any child
+    process (a torchrun, a tool run as a subprocess), which would then collide on the port.
     """
+    import datetime
+
     apply_cpu_patches()
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        os.environ["RANK"] = "0"
-        os.environ["WORLD_SIZE"] = "1"
-        os.environ.setdefault("LOCAL_RANK", "0")
-    rank = int(os.environ["RANK"])
-    world = int(os.environ["WORLD_SIZE"])
+    timeout = datetime.timedelta(minutes=timeout_minutes)
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        init = {}
+    else:
+        rank, world = 0, 1
+        init = {"init_method": f"tcp://127.0.0.1:{_free_port()}"}
     if has_cuda():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
-    import datetime
-
-    dist.init_process_group(
-        backend=backend(),
-        rank=rank,
-        world_size=world,
-        timeout=datetime.timedelta(minutes=timeout_minutes),
-    )
+    dist.init_process_group(backend=backend(), rank=rank, world_size=world, timeout=timeout, **init)
     return rank, world
 
 

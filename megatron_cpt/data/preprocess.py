@@ -24,7 +24,7 @@ import os
 import signal
 import sys
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import chain
@@ -275,22 +275,14 @@ def iter_chunks(paths: Iterable[Path], chunk_bytes: int) -> Iterator[Chunk]:
             yield Chunk(str(path), number, tail)
 
 
-# Worker-process state: the encoder arrives once via the pool initializer, not with every task.
-_WORKER_ENCODER: ChunkEncoder | None = None
-
-
-def _init_worker(encoder: ChunkEncoder) -> None:
-    global _WORKER_ENCODER
+def _worker_main(encoder: ChunkEncoder, tasks, results) -> None:
+    """A worker: encode chunks from its own task queue, send results down its own pipe."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
-    # SIGTERM is deliberately left alone: a forked worker inherits the parent's handler, which
-    # ends any process but the parent (see _sigterm_as_interrupt). Resetting it here would lose
-    # a Pool.terminate() that arrives while the worker is still starting, and hang the pool.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER_ENCODER = encoder
-
-
-def _encode_in_worker(chunk: Chunk) -> ChunkResult:
-    return _WORKER_ENCODER(chunk)
+    while (chunk := tasks.get()) is not None:
+        results.send(encoder(chunk))
+    results.close()
 
 
 @contextlib.contextmanager
@@ -309,29 +301,72 @@ def _env(name: str, value: str):
 def map_ordered(
     encoder: ChunkEncoder, chunks: Iterable[Chunk], workers: int, in_flight: int | None = None
 ) -> Iterator[ChunkResult]:
-    """``map(encoder, chunks)`` over ``workers`` processes, in order, with bounded look-ahead."""
+    """``map(encoder, chunks)`` over ``workers`` processes, in order, with bounded look-ahead.
+
+    Not ``multiprocessing.Pool``: its ``terminate()`` signals workers with SIGTERM and then waits
+    for them while holding the shared task-queue lock, and in testing a worker that had not yet
+    handled the signal waited for that lock forever. Here chunk ``i`` goes to worker
+    ``i % workers`` through that worker's own queue and comes back through its own pipe (order is
+    then free), nothing is shared, and stopping early is SIGKILL, which cannot be missed.
+    """
     if workers <= 1:
         with _env("TOKENIZERS_PARALLELISM", "false"):
             for chunk in chunks:
                 yield encoder(chunk)
         return
-    in_flight = in_flight or 3 * workers
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
-    # Set before forking: HF tokenizers otherwise warn in every child if the parent used threads.
-    with _env("TOKENIZERS_PARALLELISM", "false"):
-        pool = mp.get_context(method).Pool(workers, initializer=_init_worker, initargs=(encoder,))
+    in_flight = max(in_flight or 3 * workers, workers)
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    procs, task_queues, result_pipes = [], [], []
+    finished = False
     try:
-        pending: deque = deque()
-        for chunk in chunks:
-            pending.append(pool.apply_async(_encode_in_worker, (chunk,)))
-            if len(pending) >= in_flight:
-                yield pending.popleft().get()
-        while pending:
-            yield pending.popleft().get()
-        pool.close()
-        pool.join()
+        # Set before forking: HF tokenizers otherwise warn in every child if the parent used threads.
+        with _env("TOKENIZERS_PARALLELISM", "false"):
+            for _ in range(workers):
+                tasks = ctx.Queue()
+                receive, send = ctx.Pipe(duplex=False)
+                proc = ctx.Process(target=_worker_main, args=(encoder, tasks, send), daemon=True)
+                proc.start()
+                send.close()  # the worker holds the only write end: its death reads as EOF here
+                procs.append(proc)
+                task_queues.append(tasks)
+                result_pipes.append(receive)
+        submitted = received = 0
+        chunk_iter = iter(chunks)
+        exhausted = False
+        while True:
+            while not exhausted and submitted - received < in_flight:
+                chunk = next(chunk_iter, None)
+                if chunk is None:
+                    exhausted = True
+                    break
+                task_queues[submitted % workers].put(chunk)
+                submitted += 1
+            if received == submitted:
+                break
+            try:
+                result = result_pipes[received % workers].recv()
+            except EOFError:
+                code = procs[received % workers].exitcode
+                raise RuntimeError(f"a tokenizer worker died (exit code {code})") from None
+            received += 1
+            yield result
+        for tasks in task_queues:
+            tasks.put(None)
+        for proc in procs:
+            proc.join()
+        finished = True
     finally:
-        pool.terminate()
+        if not finished:
+            for proc in procs:
+                proc.kill()
+            for proc in procs:
+                proc.join()
+        for tasks in task_queues:
+            if not finished:
+                tasks.cancel_join_thread()  # its worker is gone: do not flush into a dead pipe
+            tasks.close()
+        for pipe in result_pipes:
+            pipe.close()
 
 
 class _Terminated(KeyboardInterrupt):

@@ -11,7 +11,7 @@ For each tokenizer, on the same corpus and the same worker count, it measures:
 
 Each is the best of ``--repeats`` runs, interleaved, because the machine is shared.
 
-    python bench/preprocess.py --workers 2 --mb 8
+    python bench/preprocess.py --workers 2 --mb 16
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ RUNS = {"ceiling": ceiling, "ours": ours, "mlm": megatron_lm_style}
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(_WORKERS_FLAG, type=int, default=2)
-    p.add_argument("--mb", type=float, default=8.0, help="corpus size in MB (real text, repeated)")
+    p.add_argument("--mb", type=float, default=16.0, help="corpus size in MB (real text, repeated)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--tokenizers", nargs="+", default=["Llama3Tokenizer", "HuggingFaceTokenizer"])
     p.add_argument("--no-megatron-lm", action="store_true", help="skip the Megatron-LM-style run")

@@ -69,12 +69,75 @@ class JsonlRecord:
     nbytes: int  # raw line size, for MB/s progress
 
 
-def iter_raw_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(line_number, raw_bytes)`` for each non-blank line."""
-    with open_binary(path) as fh:
-        for number, raw in enumerate(fh, start=1):
+def zstd_blocks(path: Path, size: int) -> Iterator[bytes]:
+    """Decompressed blocks of a (multi-frame) .zst file.
+
+    zstandard's stream reader ends silently at a truncated frame (an interrupted download would
+    lose its tail unnoticed), so frames are followed explicitly and an unfinished one is an error.
+    """
+    import zstandard
+
+    dctx = zstandard.ZstdDecompressor()
+    dobj, in_frame, leftover = dctx.decompressobj(), False, b""
+    with open(path, "rb") as raw:
+        while data := leftover or raw.read(size):
+            leftover = b""
+            try:
+                out = dobj.decompress(data)
+            except zstandard.ZstdError as exc:
+                raise UserError(f"{path}: corrupt or truncated compressed data ({exc})") from None
+            in_frame = True
+            if out:
+                yield out
+            if dobj.eof:
+                leftover, dobj, in_frame = dobj.unused_data, dctx.decompressobj(), False
+    if in_frame:
+        raise UserError(
+            f"{path}: corrupt or truncated compressed data (the last zstd frame is cut)"
+        )
+
+
+def read_blocks(path: Path, size: int) -> Iterator[bytes]:
+    """Raw blocks of a (possibly compressed) file; an unreadable or corrupt file is one line."""
+    if str(path).endswith((".zst", ".zstd")):
+        try:
+            yield from zstd_blocks(path, size)
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
+        return
+    try:
+        fh = open_binary(path)
+    except OSError as exc:
+        raise UserError(f"{path}: cannot open ({exc.strerror or exc})") from None
+    with fh:
+        while True:
+            try:
+                block = fh.read(size)
+            except Exception as exc:  # gzip/zstd/OS errors have no common base class
+                kind = (
+                    "corrupt or truncated compressed data"
+                    if str(path).endswith((".gz", ".zst", ".zstd"))
+                    else "read error"
+                )
+                raise UserError(f"{path}: {kind} ({type(exc).__name__}: {exc})") from None
+            if not block:
+                return
+            yield block
+
+
+def iter_raw_lines(path: str | Path, block_size: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(line_number, raw_bytes)`` for each non-blank line (via :func:`read_blocks`, so a
+    corrupt or truncated compressed file is an error, never a silently shortened input)."""
+    number, pending = 0, b""
+    for block in read_blocks(Path(path), block_size):
+        lines = (pending + block).split(b"\n")
+        pending = lines.pop()
+        for raw in lines:
+            number += 1
             if raw.strip():
                 yield number, raw
+    if pending.strip():
+        yield number + 1, pending
 
 
 def parse_line(path: str, number: int, raw: bytes) -> dict:

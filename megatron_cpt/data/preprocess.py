@@ -39,8 +39,8 @@ from megatron_cpt.data.jsonl import (
     JsonlRecord,
     expand_inputs,
     get_text,
-    open_binary,
     parse_line,
+    read_blocks,
     read_texts,
 )
 from megatron_cpt.data.sentences import SentenceSplitter, SentenceSplitterConfig
@@ -200,68 +200,12 @@ class ChunkEncoder:
         return EncodedKey(flat, lengths.astype(np.int32), per_doc)
 
 
-def _zstd_blocks(path: Path, size: int) -> Iterator[bytes]:
-    """Decompressed blocks of a (multi-frame) .zst file.
-
-    zstandard's stream reader ends silently at a truncated frame (an interrupted download would
-    lose its tail unnoticed), so frames are followed explicitly and an unfinished one is an error.
-    """
-    import zstandard
-
-    dctx = zstandard.ZstdDecompressor()
-    dobj, in_frame, leftover = dctx.decompressobj(), False, b""
-    with open(path, "rb") as raw:
-        while data := leftover or raw.read(size):
-            leftover = b""
-            try:
-                out = dobj.decompress(data)
-            except zstandard.ZstdError as exc:
-                raise UserError(f"{path}: corrupt or truncated compressed data ({exc})") from None
-            in_frame = True
-            if out:
-                yield out
-            if dobj.eof:
-                leftover, dobj, in_frame = dobj.unused_data, dctx.decompressobj(), False
-    if in_frame:
-        raise UserError(
-            f"{path}: corrupt or truncated compressed data (the last zstd frame is cut)"
-        )
-
-
-def _read_blocks(path: Path, size: int) -> Iterator[bytes]:
-    """Raw blocks of a (possibly compressed) file; an unreadable or corrupt file is one line."""
-    if str(path).endswith((".zst", ".zstd")):
-        try:
-            yield from _zstd_blocks(path, size)
-        except OSError as exc:
-            raise UserError(f"{path}: cannot read ({exc.strerror or exc})") from None
-        return
-    try:
-        fh = open_binary(path)
-    except OSError as exc:
-        raise UserError(f"{path}: cannot open ({exc.strerror or exc})") from None
-    with fh:
-        while True:
-            try:
-                block = fh.read(size)
-            except Exception as exc:  # gzip/zstd/OS errors have no common base class
-                kind = (
-                    "corrupt or truncated compressed data"
-                    if str(path).endswith((".gz", ".zst", ".zstd"))
-                    else "read error"
-                )
-                raise UserError(f"{path}: {kind} ({type(exc).__name__}: {exc})") from None
-            if not block:
-                return
-            yield block
-
-
 def iter_chunks(paths: Iterable[Path], chunk_bytes: int) -> Iterator[Chunk]:
     """Read each file in blocks of about ``chunk_bytes``, cut at line ends; never across files."""
     for path in paths:
         number = 1
         pending: list[bytes] = []  # a line longer than a block spans several reads
-        for block in _read_blocks(path, chunk_bytes):
+        for block in read_blocks(path, chunk_bytes):
             cut = block.rfind(b"\n")
             if cut < 0:
                 pending.append(block)

@@ -2,7 +2,10 @@
 """Merge time and peak RSS: megatron_cpt.merge vs mergekit, same checkpoints, same YAML.
 
 Each merge runs in its own subprocess; wall time and that child's ``ru_maxrss`` (from
-``os.wait4``) are recorded, ours and mergekit's side by side in the same command, and the outputs
+``os.wait4``) are recorded. Linux carries a process's RSS high-water mark across ``exec``, so a
+child's ``ru_maxrss`` is at least its parent's peak at spawn time: this parent therefore never
+imports torch (checkpoint generation and output comparison run in subprocesses too), and the
+numbers are ours and mergekit's side by side in the same command, and the outputs
 are compared element by element. Inputs are random Llama checkpoints of a chosen size (bf16),
 generated once into ``--workdir`` and reused: a base and one "CPT" model (base + small noise),
 the Llama-3-SEC shape of the problem.
@@ -140,13 +143,16 @@ def child(impl: str, config_path: str, out: str) -> None:
         )
 
 
+def _env() -> dict:
+    return os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
 def measure(impl: str, config_path: Path, out: Path) -> tuple[float, float]:
     """(seconds, peak RSS GiB) of one merge in a fresh process."""
     shutil.rmtree(out, ignore_errors=True)
-    env = os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", impl, str(config_path), str(out)], env=env
+        [sys.executable, __file__, "--child", impl, str(config_path), str(out)], env=_env()
     )
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
@@ -218,9 +224,17 @@ def main() -> None:
         "--trim", type=int, metavar="N", help="only time the TIES threshold on N values"
     )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--make", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--compare", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
+        return
+    if args.make:
+        make_checkpoints(Path(args.make[0]), args.make[1])
+        return
+    if args.compare:
+        print(compare(Path(args.compare[0]), Path(args.compare[1])))
         return
     if args.trim:
         trim_microbench(args.trim)
@@ -230,7 +244,10 @@ def main() -> None:
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    base, cpt = make_checkpoints(workdir, args.size)
+    subprocess.run(
+        [sys.executable, __file__, "--make", str(workdir), args.size], check=True, env=_env()
+    )
+    base, cpt = workdir / f"{args.size}-base", workdir / f"{args.size}-cpt"
     size_gb = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 1e9
     print(
         f"inputs: 2 x {size_gb:.2f} GB bf16 ({args.size}), ready in {time.perf_counter() - start:.0f} s"
@@ -247,7 +264,19 @@ def main() -> None:
         if method.startswith("dare"):
             same = "n/a (each draws its own random masks)"
         else:
-            same = compare(workdir / f"out-ours-{method}", workdir / f"out-mergekit-{method}")
+            same = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--compare",
+                    str(workdir / f"out-ours-{method}"),
+                    str(workdir / f"out-mergekit-{method}"),
+                ],
+                check=True,
+                env=_env(),
+                capture_output=True,
+                text=True,
+            ).stdout.strip()
         print(
             f"{method:<16}{ours_t:>9.1f}{mk_t:>12.1f}{mk_t / ours_t:>8.2f}x{ours_m:>10.2f}"
             f"{mk_m:>14.2f}{mk_m / ours_m:>10.2f}x  {same}",

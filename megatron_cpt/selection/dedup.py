@@ -65,11 +65,13 @@ class NearDuplicateFilter:
         grams = shingles(text, self.config.shingle_size)
         if not grams:
             return None
+        # datasketch >= 2.0 wants the permutation scheme named; 1.x has no such argument.
+        scheme = getattr(self._template, "scheme", None)
         mh = MinHash(
             num_perm=self.config.num_perm,
             seed=self.config.seed,
             permutations=self._template.permutations,
-            scheme=self._template.scheme,
+            **({"scheme": scheme} if scheme is not None else {}),
         )
         mh.update_batch(list(grams))
         return mh

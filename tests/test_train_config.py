@@ -89,15 +89,18 @@ def test_config_errors_before_compute(tmp_path, monkeypatch):
         build_settings(_args(tmp_path, "--micro-batch-size", "4", "--global-batch-size", "6"))
     with pytest.raises(UserError, match="--load .*: no published checkpoint there"):
         build_settings(_args(tmp_path, "--load", str(tmp_path / "empty")))
-    monkeypatch.setenv("WORLD_SIZE", "3")
+    # The world size as the trainer sees it (a process group initialised by an earlier test in
+    # this process would otherwise win over WORLD_SIZE).
+    import megatron_cpt.training.trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "_world_size_from_env", lambda: 3)
     with pytest.raises(UserError, match="does not divide num_attention_heads"):
         build_settings(_args(tmp_path, "--tensor-model-parallel-size", "3"))
-    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setattr(trainer_module, "_world_size_from_env", lambda: 4)
     with pytest.raises(
         UserError, match=r"--pipeline-model-parallel-size 4 does not divide num_layers \(2\)"
     ):
         build_settings(_args(tmp_path, "--pipeline-model-parallel-size", "4"))
-    monkeypatch.setenv("WORLD_SIZE", "1")
     with pytest.raises(UserError, match="--bf16 needs a GPU"):
         build_settings(_args(tmp_path, "--bf16"))
     with pytest.raises(UserError, match="--seq-length 100000 exceeds"):

@@ -47,20 +47,20 @@ class QuickstartConfig:
     general_data: list[str] = field(default_factory=list)
     heldout_fraction: float = 0.1
     domain_weight: float = 0.95  # Llama-3-SEC mixed ~1-5% general replay
-    steps: int = 24
+    steps: int = 10
     seq_length: int = 256
     micro_batch_size: int = 2
     global_batch_size: int = 8
     lr: float = 5e-5
     min_lr: float = 5e-6
     warmup_fraction: float = 0.15  # of --steps, so any --steps works
-    eval_interval: int = 8
+    eval_interval: int = 5
     eval_iters: int = 2
     merge_method: str = "ties"
     merge_density: float = 0.5
     merge_weight: float = 0.5
-    eval_docs: int = 40  # held-out documents per set ...
-    eval_chars: int = 3000  # ... each cut at this many characters (~700 tokens)
+    eval_docs: int = 24  # held-out documents per set ...
+    eval_chars: int = 2000  # ... each cut at this many characters (~500 tokens)
     eval_seq_length: int = 256
     workers: int = 2
 

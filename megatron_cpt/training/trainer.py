@@ -32,6 +32,7 @@ from megatron_cpt.config import (
     logging_settings,
 )
 from megatron_cpt.errors import UserError
+from megatron_cpt.flops import training_flops_per_step
 from megatron_cpt.model import (
     LlamaArch,
     ModelBuildConfig,
@@ -486,11 +487,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- loop
     def _flops_per_iteration(self) -> float:
-        a, b = self.arch, self.batch
-        tokens = b.global_batch_size * b.seq_length
-        dense = a.num_parameters(self.padded_vocab) - self.padded_vocab * a.hidden_size
-        attn = 12 * a.num_layers * a.num_attention_heads * a.kv_channels * b.seq_length
-        return tokens * (6 * dense + attn)
+        """Exact Llama training FLOPs (``megatron_cpt.flops``, the bench's formula too)."""
+        b = self.batch
+        return training_flops_per_step(
+            self.arch, b.seq_length, b.global_batch_size, self.padded_vocab
+        )
 
     def train(self) -> dict:
         from megatron.core import parallel_state as ps

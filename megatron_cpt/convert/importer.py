@@ -1,8 +1,10 @@
 """HF (safetensors dir or GGUF) -> megatron-core distributed checkpoint.
 
-The model is built once at TP=1/PP=1 in this process and filled group by group from the
-memory-mapped HF tensors; megatron-core's ``sharded_state_dict`` then describes every tensor by
-its *global* shape, so the saved ``torch_dist`` checkpoint loads at the requested TP/PP (or any
+The model is built at TP=1/PP=1 on the meta device (no memory) only for megatron-core's
+``sharded_state_dict``; the checkpoint is written by a streaming save that maps each tensor from
+the memory-mapped HF files just before writing it (``streaming_save.py``), so peak memory is one
+tensor and its sources, not the model. ``sharded_state_dict`` describes every tensor by its
+*global* shape, so the saved ``torch_dist`` checkpoint loads at the requested TP/PP (or any
 other) through ``dist_checkpointing``: no per-rank files are written by us and no torchrun is
 needed to convert. What the target TP does change is the vocabulary padding (a multiple of
 128*TP, as Megatron-LM pads), so it is fixed here, at conversion.
@@ -22,7 +24,8 @@ from megatron_cpt.convert import mcore_checkpoint
 from megatron_cpt.convert.hf_reader import open_hf_checkpoint
 from megatron_cpt.convert.hf_writer import AtomicDirectory
 from megatron_cpt.convert.layout import check_hf_shapes, check_requested_model, tensor_layout
-from megatron_cpt.convert.mapping import hf_group_names, hf_to_mcore_group
+from megatron_cpt.convert.mapping import MC_OUTPUT, hf_to_mcore_tensor
+from megatron_cpt.convert.streaming_save import streaming_save_strategy
 from megatron_cpt.errors import UserError
 from megatron_cpt.model import (
     ModelBuildConfig,
@@ -82,7 +85,8 @@ def import_hf(cfg: ImportConfig) -> Path:
             pipeline_dtype=dtype,
             bf16=dtype == torch.bfloat16,
             fp16=dtype == torch.float16,
-            perform_initialization=False,  # every parameter is overwritten below
+            perform_initialization=False,
+            use_cpu_initialization=True,  # meta parameters need no device
         )
         model = build_model(
             arch,
@@ -91,24 +95,13 @@ def import_hf(cfg: ImportConfig) -> Path:
             post_process=True,
             build=ModelBuildConfig(use_transformer_engine=False),
             vocab_size=padded,
+            meta=True,  # the checkpoint is written from the HF tensors, never from a model
         )
-        params = model.state_dict(keep_vars=True)
-        filled: set[str] = set()
-        with torch.no_grad():
-            for names in hf_group_names(lay):
-                for name, tensor in hf_to_mcore_group(names, ckpt.get, lay).items():
-                    params[name].data.copy_(tensor)
-                    filled.add(name)
-                ckpt.release()
-        missing = sorted(
-            k
-            for k, v in params.items()
-            if torch.is_tensor(v)
-            and k not in filled
-            and not (arch.tie_word_embeddings and k == "output_layer.weight")
-        )
-        if missing:  # a mapping bug, not a user error
-            raise RuntimeError(f"parameters left unconverted: {missing[:5]}")
+        _check_every_parameter_has_a_source(model, ckpt, lay)
+
+        def source(name: str) -> torch.Tensor:
+            ckpt.release()  # unmap what the previous tensor was read from
+            return hf_to_mcore_tensor(name, ckpt.get, lay)
 
         conversion = {
             "converted_from": str(cfg.hf_path),
@@ -125,9 +118,31 @@ def import_hf(cfg: ImportConfig) -> Path:
                 args=conversion,
                 save_rng=False,
                 padded_vocab_size=padded,
+                sharded_strategy=streaming_save_strategy(source),
             )
             _save_hf_side_files(ckpt, tmp / mcore_checkpoint.HF_SIDE_DIR)
     return Path(cfg.out_dir)
+
+
+def _check_every_parameter_has_a_source(model, ckpt, lay) -> None:
+    """Run the whole mapping on meta tensors (shapes only) before anything is written: a
+    parameter the mapping cannot make, or makes in the wrong shape, is a bug caught here rather
+    than a checkpoint that fails to load later."""
+
+    def shape_only(name: str) -> torch.Tensor:
+        return torch.empty(ckpt.shape(name), device="meta")
+
+    for name, param in model.state_dict(keep_vars=True).items():
+        if not torch.is_tensor(param) or name.endswith("._extra_state"):
+            continue
+        if lay.tie_word_embeddings and name == MC_OUTPUT:
+            continue  # megatron-core ties it to the embedding; it is not saved
+        try:
+            shape = tuple(hf_to_mcore_tensor(name, shape_only, lay).shape)
+        except KeyError:
+            raise RuntimeError(f"parameter {name} has no HF source") from None
+        if shape != tuple(param.shape):
+            raise RuntimeError(f"{name}: mapped shape {shape} != parameter {tuple(param.shape)}")
 
 
 def _save_hf_side_files(ckpt, side: Path) -> None:

@@ -171,25 +171,41 @@ def hf_group_names(lay: TensorLayout) -> Iterator[list[str]]:
     yield head
 
 
+def hf_to_mcore_tensor(name: str, get: Getter, lay: TensorLayout) -> torch.Tensor:
+    """One megatron global tensor, made from the HF tensors it consists of: the unit a
+    streaming import writes (see ``convert/streaming_save.py``)."""
+    if name == MC_EMBED:
+        return pad_vocab(get(HF_EMBED), lay.padded_vocab_size)
+    if name == MC_FINAL_NORM:
+        return get(HF_FINAL_NORM)
+    if name == MC_OUTPUT and not lay.tie_word_embeddings:
+        return pad_vocab(get(HF_LM_HEAD), lay.padded_vocab_size)
+    parts = name.split(".")
+    if name.startswith("decoder.layers.") and parts[2].isdigit():
+        i = int(parts[2])
+        role = {v: k for k, v in mcore_layer_names(i, lay.fused_norms).items()}.get(name)
+        h = hf_layer_names(i)
+        if role == "qkv":
+            return fuse_qkv(get(h["q"]), get(h["k"]), get(h["v"]), lay)
+        if role == "fc1":
+            return fuse_gate_up(get(h["gate"]), get(h["up"]))
+        if role is not None:
+            return get(h[_SAME_TENSOR[role]])
+    raise KeyError(f"{name} is not a tensor of this Llama layout")
+
+
+_SAME_TENSOR = {"input_norm": "input_norm", "o": "o", "post_norm": "post_norm", "fc2": "down"}
+
+
 def hf_to_mcore_group(names: list[str], get: Getter, lay: TensorLayout) -> dict[str, torch.Tensor]:
     """Map one HF group (as yielded by :func:`hf_group_names`) to megatron global tensors."""
     if names == [HF_EMBED]:
-        return {MC_EMBED: pad_vocab(get(HF_EMBED), lay.padded_vocab_size)}
-    if names[0] == HF_FINAL_NORM:
-        out = {MC_FINAL_NORM: get(HF_FINAL_NORM)}
-        if not lay.tie_word_embeddings:
-            out[MC_OUTPUT] = pad_vocab(get(HF_LM_HEAD), lay.padded_vocab_size)
-        return out
-    i = int(names[0].split(".")[2])
-    h, m = hf_layer_names(i), mcore_layer_names(i, lay.fused_norms)
-    return {
-        m["input_norm"]: get(h["input_norm"]),
-        m["qkv"]: fuse_qkv(get(h["q"]), get(h["k"]), get(h["v"]), lay),
-        m["o"]: get(h["o"]),
-        m["post_norm"]: get(h["post_norm"]),
-        m["fc1"]: fuse_gate_up(get(h["gate"]), get(h["up"])),
-        m["fc2"]: get(h["down"]),
-    }
+        targets = [MC_EMBED]
+    elif names[0] == HF_FINAL_NORM:
+        targets = [MC_FINAL_NORM] + ([] if lay.tie_word_embeddings else [MC_OUTPUT])
+    else:
+        targets = list(mcore_layer_names(int(names[0].split(".")[2]), lay.fused_norms).values())
+    return {t: hf_to_mcore_tensor(t, get, lay) for t in targets}
 
 
 def mcore_group_names(lay: TensorLayout) -> Iterator[list[str]]:

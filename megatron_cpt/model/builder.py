@@ -9,6 +9,7 @@ the same parameter names for dist_checkpointing, so checkpoints move between the
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -145,15 +146,18 @@ def build_model(
     build: ModelBuildConfig | None = None,
     vocab_size: int | None = None,
     max_sequence_length: int | None = None,
+    meta: bool = False,
 ):
     """A megatron-core ``GPTModel`` shaped like ``arch`` for this rank's pipeline stage.
 
     ``pre_process``/``post_process`` default to whether this rank holds the first/last stage.
+    ``meta=True`` builds the parameters on the meta device: shapes and sharding metadata without
+    memory, for a converter that streams tensors straight into a checkpoint (needs
+    ``use_cpu_initialization``, else megatron-core places parameters on an explicit device).
     Llama-3.1 RoPE scaling is applied with all four HF parameters (megatron-core's GPTModel
     only forwards ``factor`` and hard-codes the others), so logits match HF exactly.
     """
     from megatron.core import parallel_state
-    from megatron.core.models.gpt import GPTModel
 
     platform.apply_cpu_patches()
     build = build or ModelBuildConfig(
@@ -169,6 +173,20 @@ def build_model(
         vocab_size = padded_vocab_size(
             arch.vocab_size, config.tensor_model_parallel_size, build.make_vocab_size_divisible_by
         )
+    if meta and not config.use_cpu_initialization:
+        raise ValueError("build_model(meta=True) needs TransformerConfig.use_cpu_initialization")
+    with torch.device("meta") if meta else contextlib.nullcontext():
+        model = _gpt_model(
+            arch, config, build, pre_process, post_process, vocab_size, max_sequence_length
+        )
+    if not meta:
+        model.to(platform.device())  # this rank's GPU; a no-op on CPU
+    return model
+
+
+def _gpt_model(arch, config, build, pre_process, post_process, vocab_size, max_sequence_length):
+    from megatron.core.models.gpt import GPTModel
+
     model = GPTModel(
         config=config,
         transformer_layer_spec=layer_spec(build),
@@ -196,7 +214,6 @@ def build_model(
             high_freq_factor=arch.rope_scaling.high_freq_factor,
             original_max_position_embeddings=arch.rope_scaling.original_max_position_embeddings,
         )
-    model.to(platform.device())  # this rank's GPU; a no-op on CPU
     return model
 
 

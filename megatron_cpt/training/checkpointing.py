@@ -183,12 +183,14 @@ def save_checkpoint(
     args: dict | None = None,
     save_rng: bool = True,
     padded_vocab_size: int | None = None,
+    sharded_strategy=None,
 ) -> Path:
     """Save model (+ optimizer, scheduler, RNG, ``state``) as ``save_dir/iter_<iteration>``.
 
     Collective: every rank calls it. ``state`` holds small picklable trainer state (consumed
     samples, skipped iterations, ...); ``args`` the run configuration (JSON-serialisable).
-    Returns the published checkpoint directory.
+    Returns the published checkpoint directory. ``sharded_strategy`` replaces megatron-core's
+    default torch_dist writer (the converter's streaming save uses it; the format is the same).
     """
     from megatron.core import dist_checkpointing
 
@@ -218,7 +220,12 @@ def save_checkpoint(
 
     start = time.time()
     platform.apply_cpu_patches()
-    dist_checkpointing.save(sharded, str(partial), content_metadata=dict(_SHARDING_METADATA))
+    dist_checkpointing.save(
+        sharded,
+        str(partial),
+        sharded_strategy=sharded_strategy,
+        content_metadata=dict(_SHARDING_METADATA),
+    )
     _barrier()
     if os.environ.get(PAUSE_IN_SAVE_ENV) == str(iteration):
         _pause_for_kill(save_dir / f"paused_in_save_{iteration}")

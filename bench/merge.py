@@ -13,6 +13,9 @@ the Llama-3-SEC shape of the problem.
     python bench/merge.py --size 1b --methods ties,task_arithmetic,slerp   # ~1.2B params
     python bench/merge.py --size tiny                                     # seconds, smoke run
     python bench/merge.py --trim 20000000        # TIES threshold: radix select vs sort, alone
+    python bench/merge.py --size 1b --methods task_arithmetic --megatron
+        # ours on Megatron checkpoints (converted from the same inputs) vs ours on HF: the
+        # Megatron output is exported and compared with the HF output
 """
 
 from __future__ import annotations
@@ -214,6 +217,54 @@ def trim_microbench(numel: int, density: float = 0.5) -> None:
         print(f"  {name:<22}{seconds:8.3f} s  {ratio:6.1f}x")
 
 
+def compare_in_child(a: Path, b: Path) -> str:
+    """:func:`compare` in a subprocess, so this parent never imports torch."""
+    return subprocess.run(
+        [sys.executable, __file__, "--compare", str(a), str(b)],
+        check=True,
+        env=_env(),
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+
+
+def _tool(*argv: str) -> None:
+    tool = Path(__file__).resolve().parents[1] / "tools" / "convert_checkpoint.py"
+    subprocess.run([sys.executable, str(tool), *argv], check=True, env=_env(), capture_output=True)
+
+
+def megatron_rows(args, workdir: Path, base: Path, cpt: Path) -> None:
+    """Ours on Megatron inputs/outputs vs ours on HF, same recipe; outputs compared after
+    exporting the Megatron merge to HF."""
+    import yaml
+
+    mc = {}
+    for hf in (base, cpt):
+        mc[hf] = workdir / f"{hf.name}-mcore"
+        if not (mc[hf] / "latest_checkpointed_iteration.txt").exists():
+            shutil.rmtree(mc[hf], ignore_errors=True)
+            _tool("hf-to-mcore", "--hf", str(hf), "--out", str(mc[hf]))
+    print(
+        f"{'method':<16}{'HF s':>8}{'Megatron s':>12}{'HF GiB':>9}{'Megatron GiB':>14}  "
+        "Megatron output exported vs HF output"
+    )
+    for method in args.methods.split(","):
+        runs = {}
+        for kind, (b, c) in {"hf": (base, cpt), "mc": (mc[base], mc[cpt])}.items():
+            config_path = workdir / f"{method}-{kind}.yml"
+            config_path.write_text(yaml.safe_dump(recipe(method, b, c)))
+            runs[kind] = measure("ours", config_path, workdir / f"out-{kind}-{method}")
+        exported = workdir / f"out-mc-{method}-hf"
+        shutil.rmtree(exported, ignore_errors=True)
+        _tool("mcore-to-hf", "--load", str(workdir / f"out-mc-{method}"), "--out", str(exported))
+        same = compare_in_child(exported, workdir / f"out-hf-{method}")
+        (hf_t, hf_m), (mc_t, mc_m) = runs["hf"], runs["mc"]
+        print(f"{method:<16}{hf_t:>8.1f}{mc_t:>12.1f}{hf_m:>9.2f}{mc_m:>14.2f}  {same}", flush=True)
+        if not args.keep:
+            for d in (exported, workdir / f"out-hf-{method}", workdir / f"out-mc-{method}"):
+                shutil.rmtree(d, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -222,6 +273,11 @@ def main() -> None:
     parser.add_argument("--keep", action="store_true", help="keep checkpoints and outputs")
     parser.add_argument(
         "--trim", type=int, metavar="N", help="only time the TIES threshold on N values"
+    )
+    parser.add_argument(
+        "--megatron",
+        action="store_true",
+        help="merge Megatron conversions of the inputs, side by side with the HF merge",
     )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--make", nargs=2, help=argparse.SUPPRESS)
@@ -252,6 +308,9 @@ def main() -> None:
     print(
         f"inputs: 2 x {size_gb:.2f} GB bf16 ({args.size}), ready in {time.perf_counter() - start:.0f} s"
     )
+    if args.megatron:
+        megatron_rows(args, workdir, base, cpt)
+        return
     print(
         f"{'method':<16}{'ours s':>9}{'mergekit s':>12}{'speedup':>9}{'ours GiB':>10}"
         f"{'mergekit GiB':>14}{'RSS ratio':>11}  outputs"
@@ -264,19 +323,9 @@ def main() -> None:
         if method.startswith("dare"):
             same = "n/a (each draws its own random masks)"
         else:
-            same = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--compare",
-                    str(workdir / f"out-ours-{method}"),
-                    str(workdir / f"out-mergekit-{method}"),
-                ],
-                check=True,
-                env=_env(),
-                capture_output=True,
-                text=True,
-            ).stdout.strip()
+            same = compare_in_child(
+                workdir / f"out-ours-{method}", workdir / f"out-mergekit-{method}"
+            )
         print(
             f"{method:<16}{ours_t:>9.1f}{mk_t:>12.1f}{mk_t / ours_t:>8.2f}x{ours_m:>10.2f}"
             f"{mk_m:>14.2f}{mk_m / ours_m:>10.2f}x  {same}",

@@ -24,7 +24,7 @@ from megatron_cpt.convert import mcore_checkpoint
 from megatron_cpt.convert.hf_reader import open_hf_checkpoint
 from megatron_cpt.convert.hf_writer import AtomicDirectory
 from megatron_cpt.convert.layout import check_hf_shapes, check_requested_model, tensor_layout
-from megatron_cpt.convert.mapping import MC_OUTPUT, hf_to_mcore_tensor
+from megatron_cpt.convert.mapping import MC_OUTPUT, hf_to_mcore_tensor, mcore_group_order
 from megatron_cpt.convert.streaming_save import streaming_save_strategy
 from megatron_cpt.errors import UserError
 from megatron_cpt.model import (
@@ -118,7 +118,7 @@ def import_hf(cfg: ImportConfig) -> Path:
                 args=conversion,
                 save_rng=False,
                 padded_vocab_size=padded,
-                sharded_strategy=streaming_save_strategy(source),
+                sharded_strategy=streaming_save_strategy(source, order=mcore_group_order(lay)),
             )
             _save_hf_side_files(ckpt, tmp / mcore_checkpoint.HF_SIDE_DIR)
     return Path(cfg.out_dir)

@@ -218,6 +218,13 @@ def mcore_group_names(lay: TensorLayout) -> Iterator[list[str]]:
     yield head
 
 
+def mcore_group_order(lay: TensorLayout) -> Callable[[str], int]:
+    """Megatron name -> its group's position (embedding 0, layer i at i + 1, head last): the
+    write order for a streaming save whose source works a group at a time."""
+    index = {n: i for i, group in enumerate(mcore_group_names(lay)) for n in group}
+    return index.__getitem__
+
+
 def mcore_to_hf_group(names: list[str], get: Getter, lay: TensorLayout) -> dict[str, torch.Tensor]:
     """Inverse of :func:`hf_to_mcore_group` for one megatron group."""
     if names == [MC_EMBED]:

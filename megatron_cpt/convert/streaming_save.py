@@ -27,6 +27,7 @@ rules is repeated here.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from pathlib import Path
@@ -36,15 +37,20 @@ import torch
 Source = Callable[[str], torch.Tensor]  # state-dict name -> the full (TP=1) tensor
 
 
-def streaming_save_strategy(source: Source):
+def streaming_save_strategy(source: Source, order: Callable[[str], int] | None = None):
     """A ``dist_checkpointing`` save strategy (torch_dist format, version 1) for one process
     that writes ``source(name)`` for every parameter ``name`` of a meta-device model.
 
     ``source`` is called once per parameter (the result is kept for the parameter's other
     shards, e.g. the up half of ``linear_fc1`` after the gate half) and must return the
     parameter's full global tensor; it is cast to the parameter's dtype.
+
+    ``order(name)`` ranks parameters for the source's sake: megatron-core groups the plan by
+    sharded key (every layer's ``linear_qkv``, then every layer's ``linear_proj``, ...), while
+    a source that reads or computes a layer at a time wants all of layer 0 first. Items are
+    written in ``(order(name), name)`` order; the files' contents do not depend on it.
     """
-    return _strategy_class()(source)
+    return _strategy_class()(source, order)
 
 
 @functools.cache
@@ -63,11 +69,25 @@ def _strategy_class():
     from torch.distributed.checkpoint.planner import WriteItemType
 
     class _Planner(MCoreSavePlanner):
-        def __init__(self, views: dict, source: Source):
+        def __init__(self, views: dict, source: Source, order):
             super().__init__(dedup_replicated_tensors=False, flatten_state_dict=False)
             self._views = views
             self._source = source
+            self._order = order
             self._last: tuple[str, torch.Tensor] | None = None
+
+        def finish_plan(self, new_plan):
+            plan = super().finish_plan(new_plan)
+            if self._order is None:
+                return plan
+
+            def rank(item):
+                if item.type == WriteItemType.BYTE_IO:
+                    return (-1, "")
+                name = self._views[(item.index.fqn, tuple(item.index.offset))][0]
+                return (self._order(name), name)
+
+            return dataclasses.replace(plan, items=sorted(plan.items, key=rank))
 
         def resolve_data(self, write_item):
             if write_item.type == WriteItemType.BYTE_IO:
@@ -89,9 +109,10 @@ def _strategy_class():
             return part.reshape(write_item.tensor_data.chunk.sizes)
 
     class _Strategy(TorchDistSaveShardedStrategy):
-        def __init__(self, source: Source):
+        def __init__(self, source: Source, order):
             super().__init__("torch_dist", 1, thread_count=1)
             self._source = source
+            self._order = order
 
         def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
             if torch.distributed.get_world_size() != 1:
@@ -112,7 +133,7 @@ def _strategy_class():
                 storage_writer=FileSystemWriter(
                     str(checkpoint_dir), single_file_per_rank=True, thread_count=1
                 ),
-                planner=_Planner(views, self._source),
+                planner=_Planner(views, self._source, self._order),
             )
 
         def async_save(self, sharded_state_dict, checkpoint_dir):

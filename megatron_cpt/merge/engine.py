@@ -354,30 +354,44 @@ def merge_checkpoints(
 
     tmp = _prepare_out_dir(out_dir, options.overwrite)
     try:
+        progress = tqdm(
+            total=len(plan),
+            desc=f"{config.merge_method} merge",
+            unit="tensor",
+            disable=not options.progress,
+        )
+
+        def merged(name: str) -> torch.Tensor:
+            tensors = {p: checkpoints[p].get(name) for p in config.inputs}
+            out = merger.merge(name, tensors)
+            progress.update()
+            return out
+
+        raw = yaml.safe_dump(_config_to_yaml(config), sort_keys=False)
         if isinstance(base, MegatronCheckpoint):
             if out_dtype is None:
                 raise UserError(
                     f"{base_path}: Megatron output needs one float dtype for all tensors"
                 )
             merged_from = {"config": _config_to_yaml(config), "seed": options.random_seed}
+            done: list[str] = []
+
+            def merged_once(name: str) -> torch.Tensor:
+                done.append(name)
+                return merged(name)
+
             writer = MegatronWriter(base, out_dtype, merged_from)
-        else:
-            writer = StreamingSafetensorsWriter(tmp, plan, options.max_shard_bytes)
-        for info in tqdm(
-            plan, desc=f"{config.merge_method} merge", unit="tensor", disable=not options.progress
-        ):
-            tensors = {p: checkpoints[p].get(info.name) for p in config.inputs}
-            merged = merger.merge(info.name, tensors)
-            del tensors
-            writer.write(info.name, merged)
-            del merged
-        raw = yaml.safe_dump(_config_to_yaml(config), sort_keys=False)
-        if isinstance(writer, MegatronWriter):
-            writer.finish(tmp, config.tokenizer_source)
+            writer.finish(tmp, config.tokenizer_source, merged_once)
+            if sorted(done) != sorted(i.name for i in plan):  # a mapping bug, not a user error
+                raise RuntimeError("the Megatron output did not take every tensor exactly once")
             (tmp / "merge_config.yml").write_text(raw)
         else:
+            writer = StreamingSafetensorsWriter(tmp, plan, options.max_shard_bytes)
+            for info in plan:
+                writer.write(info.name, merged(info.name))
             writer.close()
             _write_metadata(config, base, tmp, out_dtype, raw)
+        progress.close()
         _finish_out_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -17,13 +17,15 @@ dtype (norms that megatron-core keeps in fp32 were widened losslessly and come b
 The output is a megatron-core checkpoint at the base checkpoint's padded vocabulary (so it loads
 at the base's TP/PP, or any other), written by the trainer's ``save_checkpoint``. Vocabulary
 padding rows are written as zeros, as the importer does: no real token uses them and an export
-drops them. The output side holds one model copy in memory (megatron-core's ``dist_checkpointing``
-saves a whole state dict at once); inputs are still streamed a layer at a time.
+drops them. Both sides stream: inputs are read a layer at a time, and the output is written by
+the converter's streaming save (``convert/streaming_save.py``), which asks for each merged tensor
+just before writing it, in layer order, so no model copy is held.
 """
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -103,12 +105,16 @@ class MegatronCheckpoint:
 
 
 class MegatronWriter:
-    """Collects merged HF-named tensors a layer at a time into a megatron-core model (TP=1
-    global view), then saves it with the trainer's checkpoint writer."""
+    """Writes a merged megatron-core checkpoint (TP=1 global view) with the trainer's checkpoint
+    format, pulling each merged tensor when the streaming save is about to write it.
+
+    The model is built on the meta device only for its ``sharded_state_dict``; the save asks
+    ``merged(hf_name)`` for the HF tensors each Megatron tensor is made of, a layer group at a
+    time (so the inputs' layer caches are read once), and drops them after writing.
+    """
 
     def __init__(self, base: MegatronCheckpoint, out_dtype: torch.dtype, merged_from: dict):
         from megatron_cpt import platform
-        from megatron_cpt.convert.mapping import hf_group_names
         from megatron_cpt.model import ModelBuildConfig, build_model, build_transformer_config
 
         self.base = base
@@ -123,7 +129,8 @@ class MegatronWriter:
             pipeline_dtype=out_dtype,
             bf16=out_dtype == torch.bfloat16,
             fp16=out_dtype == torch.float16,
-            perform_initialization=False,  # every parameter is overwritten
+            perform_initialization=False,
+            use_cpu_initialization=True,  # meta parameters need no device
         )
         self.model = build_model(
             base.arch,
@@ -132,45 +139,24 @@ class MegatronWriter:
             post_process=True,
             build=build,
             vocab_size=self.layout.padded_vocab_size,
+            meta=True,
         )
-        self.params = self.model.state_dict(keep_vars=True)
-        self._pending: dict[str, torch.Tensor] = {}
-        self._groups = {g[0]: g for g in hf_group_names(self.layout)}
-        self._filled: set[str] = set()
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        from megatron_cpt.convert.mapping import hf_to_mcore_group
-
-        self._pending[name] = tensor
-        group = next((g for g in self._groups.values() if name in g), None)
-        if group is None:
-            raise RuntimeError(f"{name} is not a tensor of this Llama layout")
-        if not all(n in self._pending for n in group):
-            return
-        with torch.no_grad():
-            for mc_name, value in hf_to_mcore_group(
-                group, self._pending.__getitem__, self.layout
-            ).items():
-                self.params[mc_name].data.copy_(value)
-                self._filled.add(mc_name)
-        for n in group:
-            del self._pending[n]
-
-    def finish(self, tmp: Path, tokenizer_source: Path | None) -> None:
+    def finish(
+        self,
+        tmp: Path,
+        tokenizer_source: Path | None,
+        merged: Callable[[str], torch.Tensor],
+    ) -> None:
+        """Save into ``tmp``; ``merged(hf_name)`` is called once per HF tensor."""
+        from megatron_cpt.convert.mapping import hf_to_mcore_tensor, mcore_group_order
+        from megatron_cpt.convert.streaming_save import streaming_save_strategy
         from megatron_cpt.training.checkpointing import save_checkpoint
 
-        missing = [
-            k
-            for k, v in self.params.items()
-            if torch.is_tensor(v)
-            and k not in self._filled
-            and not (self.layout.tie_word_embeddings and k == "output_layer.weight")
-            and not k.endswith("._extra_state")
-        ]
-        if missing or self._pending:
-            raise RuntimeError(
-                f"merge left parameters unwritten: {(missing or list(self._pending))[:3]}"
-            )
+        def source(mc_name: str) -> torch.Tensor:
+            return hf_to_mcore_tensor(mc_name, merged, self.layout)
+
+        strategy = streaming_save_strategy(source, order=mcore_group_order(self.layout))
         meta = self.base.meta
         save_checkpoint(
             tmp,
@@ -184,6 +170,7 @@ class MegatronWriter:
             },
             save_rng=False,
             padded_vocab_size=self.layout.padded_vocab_size,
+            sharded_strategy=strategy,
         )
         side = self.base.side_dir()
         if side is not None:

@@ -45,17 +45,19 @@ def write_random_hf(out: Path, config: dict, dtype_name: str, shard_bytes: int) 
     import torch
     from transformers import LlamaConfig
 
-    from megatron_cpt.convert.hf_writer import SafetensorsShardWriter, ShardWriterConfig
     from megatron_cpt.convert.layout import tensor_layout
     from megatron_cpt.convert.mapping import expected_hf_shapes
     from megatron_cpt.model import from_hf_config
+    from megatron_cpt.safetensors_io import StreamingSafetensorsWriter, TensorInfo
 
     dtype = getattr(torch, dtype_name)
     hf_config = LlamaConfig(**config, dtype=dtype_name)
     arch = from_hf_config(hf_config)
     shapes = expected_hf_shapes(tensor_layout(arch, arch.vocab_size))
     out.mkdir(parents=True, exist_ok=True)
-    writer = SafetensorsShardWriter(out, ShardWriterConfig(max_shard_bytes=shard_bytes))
+    writer = StreamingSafetensorsWriter(
+        out, [TensorInfo(n, dtype, s) for n, s in shapes.items()], shard_bytes
+    )
     gen = torch.Generator().manual_seed(0)
     total = 0
     for name, shape in shapes.items():
@@ -64,8 +66,8 @@ def write_random_hf(out: Path, config: dict, dtype_name: str, shard_bytes: int) 
         else:
             t = (torch.randn(shape, generator=gen) * 0.02).to(dtype)
         total += t.numel() * t.element_size()
-        writer.add({name: t})
-    writer.finish()
+        writer.write(name, t)
+    writer.close()
     hf_config.save_pretrained(out)
     return total
 

@@ -48,7 +48,7 @@ def make_checkpoints(workdir: Path, size: str) -> tuple[Path, Path]:
     """Random bf16 base and base+noise 'CPT' model, streamed to disk one tensor at a time."""
     import torch
 
-    from megatron_cpt.merge.safetensors_io import StreamingSafetensorsWriter, TensorInfo
+    from megatron_cpt.safetensors_io import StreamingSafetensorsWriter, TensorInfo
 
     s = SIZES[size]
     head_dim = s["hidden"] // s["heads"]
@@ -168,7 +168,7 @@ def measure(impl: str, config_path: Path, out: Path) -> tuple[float, float]:
 def compare(a: Path, b: Path) -> str:
     """'identical', or the share of elements that differ (and the largest difference)."""
 
-    from megatron_cpt.merge.safetensors_io import SafetensorsCheckpoint
+    from megatron_cpt.safetensors_io import SafetensorsCheckpoint
 
     x, y = SafetensorsCheckpoint(a), SafetensorsCheckpoint(b)
     if set(x.names) != set(y.names):

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from megatron_cpt.convert import mapping
+from megatron_cpt.convert.atomic_directory import AtomicDirectory
 from megatron_cpt.convert.exporter import ExportConfig, export_hf
-from megatron_cpt.convert.hf_writer import AtomicDirectory
 from megatron_cpt.convert.importer import ImportConfig, import_hf
 from megatron_cpt.convert.loading import load_megatron_model, megatron_logits
 from megatron_cpt.errors import UserError
@@ -148,7 +148,7 @@ def test_bf16_checkpoint_stays_bf16_and_bit_identical(tmp_path):
     assert meta["args"]["dtype"] == "bfloat16"
     export_hf(ExportConfig(str(tmp_path / "mc"), str(tmp_path / "out")))
     a = load_file(tmp_path / "hf" / "model.safetensors")
-    b = load_file(tmp_path / "out" / "model-00001-of-00001.safetensors")
+    b = load_file(tmp_path / "out" / "model.safetensors")
     assert a.keys() == b.keys()
     assert all(b[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]) for k in a)
 
@@ -253,7 +253,7 @@ def test_cli_round_trip_and_one_line_errors(tiny, tmp_path):
     from safetensors.torch import load_file
 
     a = load_file(hf_dir / "model.safetensors")
-    b = load_file(tmp_path / "hf2" / "model-00001-of-00001.safetensors")
+    b = load_file(tmp_path / "hf2" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
 
     bad = run(

@@ -85,7 +85,7 @@ def test_tp2_and_pp2_logits_parity_and_shards(converted_gqa):
     original = load_file(converted_gqa / "hf" / "model.safetensors")
     for layout in LAYOUTS:
         export_hf(ExportConfig(str(out / f"resaved-{layout}"), str(out / f"hf-{layout}")))
-        exported = load_file(out / f"hf-{layout}" / "model-00001-of-00001.safetensors")
+        exported = load_file(out / f"hf-{layout}" / "model.safetensors")
         assert exported.keys() == original.keys()
         for key, tensor in original.items():
             assert torch.equal(exported[key], tensor), f"{layout}: {key}"

@@ -119,3 +119,21 @@ def test_sharded_safetensors_source_imports_like_a_single_file(tmp_path):
     b = load_megatron_model(tmp_path / "sharded")[0].state_dict()
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a if torch.is_tensor(a[k]))
+
+
+def test_dtype_cast_at_import_is_the_cast_of_each_source_tensor(tmp_path):
+    """``--dtype bfloat16`` on an fp32 source: every exported tensor is exactly the source
+    tensor cast to bf16 (the streaming save casts each tensor as it is made)."""
+    from safetensors.torch import load_file
+
+    from megatron_cpt.convert.exporter import ExportConfig, export_hf
+
+    make_tiny_hf("gqa-untied-llama3", tmp_path / "hf", dtype=torch.float32)
+    import_hf(ImportConfig(str(tmp_path / "hf"), str(tmp_path / "mc"), dtype="bfloat16"))
+    export_hf(ExportConfig(str(tmp_path / "mc"), str(tmp_path / "out")))
+    source = load_file(tmp_path / "hf" / "model.safetensors")
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    assert source.keys() == exported.keys()
+    for name, tensor in source.items():
+        assert exported[name].dtype == torch.bfloat16, name
+        assert torch.equal(exported[name], tensor.to(torch.bfloat16)), name

@@ -1,8 +1,9 @@
 """megatron-core distributed checkpoint (any TP/PP) -> HF directory loadable by transformers.
 
 Reads one group (embedding, one layer, head) of global tensors at a time straight from the
-``torch_dist`` files, maps it, and hands it to the shard writer: no model is built and peak
-memory is one layer plus one output shard, whatever the model size or the saved TP/PP.
+``torch_dist`` files, maps it, and appends each tensor to its planned shard file (every output
+name, shape and dtype is known up front, so shard headers are written first): no model is built
+and peak memory is one group, whatever the model size, the shard size or the saved TP/PP.
 """
 
 from __future__ import annotations
@@ -14,15 +15,18 @@ from pathlib import Path
 import torch
 
 from megatron_cpt.convert import mcore_checkpoint
-from megatron_cpt.convert.hf_writer import (
-    AtomicDirectory,
-    SafetensorsShardWriter,
-    ShardWriterConfig,
-)
+from megatron_cpt.convert.atomic_directory import AtomicDirectory
 from megatron_cpt.convert.layout import tensor_layout
-from megatron_cpt.convert.mapping import MC_EMBED, mcore_group_names, mcore_to_hf_group
+from megatron_cpt.convert.mapping import (
+    MC_EMBED,
+    expected_hf_shapes,
+    hf_group_names,
+    mcore_group_names,
+    mcore_to_hf_group,
+)
 from megatron_cpt.errors import UserError
 from megatron_cpt.model import from_hf_config
+from megatron_cpt.safetensors_io import StreamingSafetensorsWriter, TensorInfo
 from megatron_cpt.training.checkpointing import read_metadata
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,12 +59,17 @@ def export_hf(cfg: ExportConfig) -> Path:
     tokenizer = _load_tokenizer(cfg.tokenizer_from, side / "tokenizer")
 
     with output as tmp:
-        writer = SafetensorsShardWriter(tmp, ShardWriterConfig(cfg.max_shard_bytes, dtype))
-        for names in mcore_group_names(lay):
-            group = reader.read(names)
-            writer.add(mcore_to_hf_group(names, group.__getitem__, lay))
+        shapes = expected_hf_shapes(lay)
+        groups = list(zip(mcore_group_names(lay), hf_group_names(lay)))
+        plan = [TensorInfo(n, dtype, shapes[n]) for _, hf_names in groups for n in hf_names]
+        writer = StreamingSafetensorsWriter(tmp, plan, cfg.max_shard_bytes)
+        for mc_names, hf_names in groups:
+            group = reader.read(mc_names)
+            hf = mcore_to_hf_group(mc_names, group.__getitem__, lay)
             del group
-        writer.finish()
+            for name in hf_names:
+                writer.write(name, hf.pop(name).to(dtype))
+        writer.close()
         hf_config = _hf_config(arch, side / "config.json", dtype)
         hf_config.save_pretrained(tmp)
         _generation_config(hf_config, side / "generation_config.json").save_pretrained(tmp)

@@ -21,8 +21,8 @@ import torch
 
 from megatron_cpt import platform
 from megatron_cpt.convert import mcore_checkpoint
+from megatron_cpt.convert.atomic_directory import AtomicDirectory
 from megatron_cpt.convert.hf_reader import open_hf_checkpoint
-from megatron_cpt.convert.hf_writer import AtomicDirectory
 from megatron_cpt.convert.layout import check_hf_shapes, check_requested_model, tensor_layout
 from megatron_cpt.convert.mapping import MC_OUTPUT, hf_to_mcore_tensor, mcore_group_order
 from megatron_cpt.convert.streaming_save import streaming_save_strategy

@@ -31,7 +31,7 @@ from megatron_cpt.merge.megatron_io import (
     is_megatron_checkpoint,
     tokenizer_dir,
 )
-from megatron_cpt.merge.safetensors_io import (
+from megatron_cpt.safetensors_io import (
     TOKENIZER_FILES,
     SafetensorsCheckpoint,
     StreamingSafetensorsWriter,

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from megatron_cpt.errors import UserError
-from megatron_cpt.merge.safetensors_io import TOKENIZER_FILES, TensorInfo
+from megatron_cpt.safetensors_io import TOKENIZER_FILES, TensorInfo
 
 SIDE_DIR = "hf"  # the converter's HF config/tokenizer directory inside a Megatron checkpoint
 

@@ -1,4 +1,5 @@
-"""HF safetensors checkpoints, read lazily and written as a stream.
+"""HF safetensors checkpoints, read lazily and written as a stream (used by merging, and the
+stream writer by the Megatron -> HF export too).
 
 Neither direction uses the ``safetensors`` library's I/O, for one measured reason: memory.
 ``safe_open`` memory-maps the file, and every page a merge touches stays mapped, so peak RSS grows

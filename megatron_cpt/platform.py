@@ -195,9 +195,11 @@ def get_rng_state() -> dict:
     """Every generator a training step draws from, so a resumed run repeats bit for bit."""
     from megatron.core import tensor_parallel
 
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        # numpy's key array as a tensor: the checkpoint must load with weights_only=True
+        "numpy": (name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state() if has_cuda() else None,
         "tracker": {
@@ -212,7 +214,10 @@ def set_rng_state(state: dict) -> None:
     from megatron.core import tensor_parallel
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    if torch.is_tensor(keys):
+        keys = keys.numpy().astype(np.uint32)
+    np.random.set_state((name, keys, pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if has_cuda() and state.get("cuda") is not None:
         torch.cuda.set_rng_state(state["cuda"])

@@ -49,14 +49,10 @@ class GlobalTensorReader:
     """Reads global tensors of one iteration directory, a group at a time."""
 
     def __init__(self, iter_dir: Path):
-        from torch.distributed.checkpoint import FileSystemReader
+        from megatron_cpt.training.pickle_safety import check_checkpoint_pickles
 
         self.iter_dir = Path(iter_dir)
-        try:
-            md = FileSystemReader(str(self.iter_dir)).read_metadata()
-        except Exception as exc:
-            raise UserError(f"{self.iter_dir}: unreadable torch_dist metadata ({exc})") from None
-        self._meta = md.state_dict_metadata
+        self._meta = check_checkpoint_pickles(self.iter_dir).state_dict_metadata
 
     def global_shape(self, key: str) -> tuple[int, ...]:
         if key not in self._meta:

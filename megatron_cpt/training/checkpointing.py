@@ -33,6 +33,7 @@ import torch.distributed as dist
 from megatron_cpt import platform
 from megatron_cpt.errors import UserError
 from megatron_cpt.model.arch import LlamaArch, from_hf_config
+from megatron_cpt.training.pickle_safety import check_checkpoint_pickles
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 METADATA_FILE = "megatron_cpt.json"
@@ -336,6 +337,7 @@ def load_checkpoint(
     platform.apply_cpu_patches()
     ckpt = resolve_checkpoint_dir(load_dir, iteration)
     meta = read_metadata(ckpt)
+    check_checkpoint_pickles(ckpt)  # before megatron-core / torch unpickle anything
     model_chunks = _unwrap(model_chunks)
 
     sharded = _model_sharded_state_dict(model_chunks)

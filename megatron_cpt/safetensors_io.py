@@ -15,6 +15,7 @@ files back with ``safe_open``, and mergekit and transformers load them.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 from collections.abc import Iterator
@@ -80,9 +81,14 @@ class SafetensorsCheckpoint:
         elif (self.path / SINGLE_NAME).exists():
             files = None
         else:
-            found = sorted(p.name for p in self.path.glob("*.bin")) if self.path.is_dir() else []
+            found = (
+                sorted(p.name for p in [*self.path.glob("*.bin"), *self.path.glob("*.pt")])
+                if self.path.is_dir()
+                else []
+            )
             hint = (
-                f" (found {', '.join(found[:3])}: re-save with safe_serialization=True)"
+                f" (found {', '.join(found[:3])}: pickled weights are refused; re-save with "
+                "safe_serialization=True)"
                 if found
                 else ""
             )
@@ -118,7 +124,7 @@ class SafetensorsCheckpoint:
         buffer = torch.empty(info.nbytes, dtype=torch.uint8)
         with open(self._file_of[name], "rb", buffering=0) as fh:
             fh.seek(self._start[name])
-            view = memoryview(buffer.numpy())
+            view = _writable_bytes(buffer)
             done = 0
             while done < info.nbytes:
                 got = fh.readinto(view[done:])
@@ -129,6 +135,15 @@ class SafetensorsCheckpoint:
 
     def close(self) -> None:
         pass
+
+
+def _writable_bytes(buffer: torch.Tensor) -> memoryview:
+    """The bytes of a uint8 tensor as a writable buffer for ``readinto``. Not ``.numpy()``:
+    torch then marks the storage non-resizable for good, and the converter's streaming save
+    needs to free a tensor's storage in place once it is written."""
+    if buffer.numel() == 0:
+        return memoryview(bytearray())
+    return memoryview((ctypes.c_ubyte * buffer.numel()).from_address(buffer.data_ptr())).cast("B")
 
 
 def read_header(file: Path) -> list[tuple[TensorInfo, int]]:

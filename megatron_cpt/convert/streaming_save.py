@@ -14,7 +14,8 @@ megatron-core steps as the trainer's (``dist_checkpointing.save`` → sharded ke
   megatron's layout) instead of reading it from the model.
 
 Peak memory is therefore one megatron tensor plus what it is made of (for a Llama: the padded
-embedding), not the model. The files are the usual torch_dist checkpoint (``metadata.json``,
+embedding), not the model; the writer's own habit of keeping written tensors is defeated by
+emptying each one's storage once it is on disk (``_free_written``). The files are the usual torch_dist checkpoint (``metadata.json``,
 ``common.pt``, ``.metadata``, ``__0_0.distcp``) and load through ``dist_checkpointing.load`` at
 any TP/PP, like a trainer checkpoint.
 
@@ -34,16 +35,20 @@ from pathlib import Path
 
 import torch
 
-Source = Callable[[str], torch.Tensor]  # state-dict name -> the full (TP=1) tensor
+# (state-dict name, the parameter's dtype) -> the full (TP=1) tensor; a source that can make
+# the tensor straight in that dtype saves holding a wider copy next to the cast
+Source = Callable[[str, torch.dtype], torch.Tensor]
 
 
 def streaming_save_strategy(source: Source, order: Callable[[str], int] | None = None):
     """A ``dist_checkpointing`` save strategy (torch_dist format, version 1) for one process
     that writes ``source(name)`` for every parameter ``name`` of a meta-device model.
 
-    ``source`` is called once per parameter (the result is kept for the parameter's other
-    shards, e.g. the up half of ``linear_fc1`` after the gate half) and must return the
-    parameter's full global tensor; it is cast to the parameter's dtype.
+    ``source(name, dtype)`` is called once per parameter (the result is kept for the
+    parameter's other shards, e.g. the up half of ``linear_fc1`` after the gate half) and must
+    return the parameter's full global tensor; it is cast to the parameter's dtype if it is
+    not in it already. The save takes ownership: once written, the tensor's memory is freed
+    in place (``_free_written``), so a source must not hand out a tensor it keeps using.
 
     ``order(name)`` ranks parameters for the source's sake: megatron-core groups the plan by
     sharded key (every layer's ``linear_qkv``, then every layer's ``linear_proj``, ...), while
@@ -95,8 +100,10 @@ def _strategy_class():
             index = write_item.index
             name, view = self._views[(index.fqn, tuple(index.offset))]
             if self._last is None or self._last[0] != name:
-                self._last = None  # let the previous tensor go before making the next one
-                full = self._source(name).to(view.dtype).contiguous()
+                if self._last is not None:
+                    _free_written(self._last[1])
+                self._last = None
+                full = self._source(name, view.dtype).to(view.dtype).contiguous()
                 if full.numel() != view.untyped_storage().nbytes() // view.element_size():
                     raise RuntimeError(
                         f"{name}: source gave {tuple(full.shape)}, which does not fill the "
@@ -130,8 +137,13 @@ def _strategy_class():
             pyt_state_dict = mcore_to_pyt_state_dict(by_key, False)
             dcp_save(
                 pyt_state_dict,
+                # no copy-ahead: torch then uses its serial loader (also where CUDA exists),
+                # which asks for a tensor only once the previous one is written (_free_written)
                 storage_writer=FileSystemWriter(
-                    str(checkpoint_dir), single_file_per_rank=True, thread_count=1
+                    str(checkpoint_dir),
+                    single_file_per_rank=True,
+                    thread_count=1,
+                    per_thread_copy_ahead=0,
                 ),
                 planner=_Planner(views, self._source, self._order),
             )
@@ -140,6 +152,22 @@ def _strategy_class():
             raise NotImplementedError("the streaming save is synchronous")
 
     return _Strategy
+
+
+def _free_written(tensor: torch.Tensor) -> None:
+    """Give back the memory of a tensor that has been written.
+
+    torch's ``FileSystemWriter`` keeps every tensor it wrote to a file in a dict keyed by
+    sharded key until the file is closed (the dict is only read for its safetensors format).
+    For a converter that writes one file, that held the embedding and one layer's worth of
+    every kind of tensor for the whole save (1B model, float32: 1 GiB + 0.3 GiB), whatever
+    the streaming. The serial loader asks for the next tensor only after writing the previous
+    one, so when the planner is asked for a new parameter the previous one is on disk and its
+    storage can be emptied; the writer's leftover references then hold nothing."""
+    storage = tensor.untyped_storage()
+    whole = tensor.storage_offset() == 0 and storage.nbytes() == tensor.nbytes
+    if whole and storage.resizable():  # never a view into memory something else may still use
+        storage.resize_(0)
 
 
 def _param_name(flat_path: str) -> str:

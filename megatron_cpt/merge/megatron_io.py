@@ -153,8 +153,8 @@ class MegatronWriter:
         from megatron_cpt.convert.streaming_save import streaming_save_strategy
         from megatron_cpt.training.checkpointing import save_checkpoint
 
-        def source(mc_name: str) -> torch.Tensor:
-            return hf_to_mcore_tensor(mc_name, merged, self.layout)
+        def source(mc_name: str, dtype: torch.dtype) -> torch.Tensor:
+            return hf_to_mcore_tensor(mc_name, merged, self.layout)  # the save casts
 
         strategy = streaming_save_strategy(source, order=mcore_group_order(self.layout))
         meta = self.base.meta

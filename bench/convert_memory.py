@@ -9,6 +9,12 @@ parent stays tiny (no torch import, the random model is generated in a child) be
 carries a process's RSS high-water mark across ``exec`` into the child's ``ru_maxrss``.
 
   python bench/convert_memory.py [--dtype bfloat16] [--layers 16] [--workdir /tmp/convbench]
+  python bench/convert_memory.py --source gguf    # the same model as a Q8_0 GGUF file
+
+``--source gguf`` writes the random model as a llama.cpp-style Q8_0 GGUF (``tests/gguf_files.py``)
+and measures ``hf-to-mcore`` from it against transformers' own GGUF load
+(``from_pretrained(gguf_file=)``, which dequantizes the whole model to float32: what the
+import did before it streamed GGUF).
 """
 
 from __future__ import annotations
@@ -72,6 +78,19 @@ def write_random_hf(out: Path, config: dict, dtype_name: str, shard_bytes: int) 
     return total
 
 
+def write_random_gguf(hf_dir: Path, out: Path) -> None:
+    """The safetensors model of ``hf_dir`` as a Q8_0 GGUF, read a tensor at a time."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from tests.gguf_files import write_llama_gguf
+
+    config = AutoConfig.from_pretrained(hf_dir)
+    handles = [safe_open(f, framework="pt") for f in sorted(hf_dir.glob("*.safetensors"))]
+    tensors = ((name, h.get_tensor(name)) for h in handles for name in h.keys())
+    write_llama_gguf(config, tensors, out, "Q8_0")
+
+
 def measure(cmd: list[str]) -> tuple[float, float]:
     """(peak RSS in GiB, seconds) of one child process."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))
@@ -87,10 +106,40 @@ def measure(cmd: list[str]) -> tuple[float, float]:
     return usage.ru_maxrss / 1024**2, seconds  # ru_maxrss is KiB on Linux
 
 
+def run_rows(rows, baseline: str, size_gib: float, size_label: str) -> dict:
+    """Measure each (label, command) and print peak, peak - idle, and its ratios to the
+    model size and to the baseline row's own memory."""
+    results = {}
+    for label, cmd in rows:
+        results[label] = measure(cmd)
+        print(f"  measured {label}: peak {results[label][0]:.2f} GiB in {results[label][1]:.0f}s")
+    idle = results["imports only (idle)"][0]
+    base = results[baseline][0] - idle
+    width = max(len(label) for label, _ in rows)
+    print(
+        f"{'step':{width}s} {'peak RSS':>9s} {'peak-idle':>10s} {size_label:>12s} "
+        f"{'/baseline':>10s} {'time':>6s}"
+    )
+    for label, (peak, secs) in results.items():
+        own = peak - idle
+        print(
+            f"{label:{width}s} {peak:8.2f}G {own:9.2f}G {own / size_gib:12.2f} "
+            f"{own / base:10.2f} {secs:5.0f}s"
+        )
+    return results
+
+
 IDLE = (
     "import torch, transformers, megatron.core, megatron_cpt.convert.importer, "
     "megatron_cpt.convert.exporter"
 )
+NAIVE_GGUF = """
+import sys, torch
+from pathlib import Path
+from transformers import AutoModelForCausalLM
+p = Path(sys.argv[1])
+m = AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype=torch.float32)
+"""
 NAIVE = """
 import sys, torch
 from transformers import AutoModelForCausalLM
@@ -105,6 +154,7 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=CONFIG["num_hidden_layers"])
     p.add_argument("--workdir", default="/tmp/convert_memory_bench")
     p.add_argument("--shard-size-gb", type=float, default=2.0, help="source and export shards")
+    p.add_argument("--source", choices=["safetensors", "gguf"], default="safetensors")
     p.add_argument("--keep", action="store_true", help="keep the workdir")
     p.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -115,17 +165,22 @@ def main(argv=None) -> int:
     if args.generate_only:
         model_bytes = write_random_hf(work / "hf", config, args.dtype, shard_bytes)
         (work / "model_bytes").write_text(str(model_bytes))
+        if args.source == "gguf":
+            write_random_gguf(work / "hf", work / "model.Q8_0.gguf")
         return 0
     shutil.rmtree(work, ignore_errors=True)
     generate = [
         sys.executable, __file__, "--generate-only", "--workdir", str(work), "--dtype",
         args.dtype, "--layers", str(args.layers), "--shard-size-gb", str(args.shard_size_gb),
+        "--source", args.source,
     ]  # fmt: skip
     measure(generate)
     model_bytes = int((work / "model_bytes").read_text())
     model_gib = model_bytes / 1024**3
     n_shards = len(list((work / "hf").glob("*.safetensors")))
     tool = [sys.executable, str(REPO / "tools" / "convert_checkpoint.py")]
+    if args.source == "gguf":
+        return _bench_gguf(args, work, tool, model_bytes)
     rows = [
         ("imports only (idle)", [sys.executable, "-c", IDLE]),
         (
@@ -168,22 +223,7 @@ def main(argv=None) -> int:
         f"model: {args.layers} layers, {params / 1e9:.2f}B params, {args.dtype}, "
         f"{model_gib:.2f} GiB in {n_shards} safetensors shard(s)"
     )
-    results = {}
-    for label, cmd in rows:
-        peak, secs = measure(cmd)
-        results[label] = (peak, secs)
-        print(f"  measured {label}: peak {peak:.2f} GiB in {secs:.0f}s", flush=True)
-    idle = results["imports only (idle)"][0]
-    naive = results["naive: transformers load+save"][0] - idle
-    print(
-        f"{'step':34s} {'peak RSS':>9s} {'peak-idle':>10s} {'/model':>7s} {'/naive':>7s} {'time':>7s}"
-    )
-    for label, (peak, secs) in results.items():
-        own = peak - idle
-        print(
-            f"{label:34s} {peak:8.2f}G {own:9.2f}G {own / model_gib:7.2f} "
-            f"{own / naive:7.2f} {secs:6.0f}s"
-        )
+    results = run_rows(rows, "naive: transformers load+save", model_gib, "/model")
     h, f = config["hidden_size"], config["intermediate_size"]
     kv = h * config["num_key_value_heads"] // config["num_attention_heads"]
     layer = h * (2 * h + 2 * kv) + 3 * h * f
@@ -193,6 +233,43 @@ def main(argv=None) -> int:
         f"export shard limit: {args.shard_size_gb:.2f} GiB"
     )
     (work / "results.json").write_text(json.dumps({"model_gib": model_gib, "steps": results}))
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _bench_gguf(args, work: Path, tool: list[str], model_bytes: int) -> int:
+    """GGUF import: ours (a tensor at a time) vs transformers dequantizing the whole file."""
+    gguf = work / "model.Q8_0.gguf"
+    params = model_bytes / (2 if args.dtype == "bfloat16" else 4)
+    fp32_gib = params * 4 / 1024**3
+    print(
+        f"model: {args.layers} layers, {params / 1e9:.2f}B params as Q8_0 GGUF "
+        f"({gguf.stat().st_size / 1024**3:.2f} GiB); dequantized float32 {fp32_gib:.2f} GiB"
+    )
+    rows = [
+        ("imports only (idle)", [sys.executable, "-c", IDLE]),
+        (
+            "hf-to-mcore from GGUF (ours)",
+            [*tool, "hf-to-mcore", "--hf", str(gguf), "--out", str(work / "mcore")],
+        ),
+        (
+            "hf-to-mcore from GGUF --dtype bfloat16",
+            [
+                *tool,
+                "hf-to-mcore",
+                "--hf",
+                str(gguf),
+                "--out",
+                str(work / "mcore_bf16"),
+                "--dtype",
+                "bfloat16",
+            ],
+        ),  # fmt: skip
+        ("baseline: transformers GGUF load", [sys.executable, "-c", NAIVE_GGUF, str(gguf)]),
+    ]
+    results = run_rows(rows, "baseline: transformers GGUF load", fp32_gib, "/fp32 model")
+    (work / "results.json").write_text(json.dumps({"fp32_gib": fp32_gib, "steps": results}))
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return 0

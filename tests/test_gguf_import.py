@@ -46,7 +46,6 @@ def assert_reader_equals_transformers(path: Path) -> None:
         for name in sorted(ckpt.names()):
             assert ckpt.shape(name) == tuple(expected[name].shape), name
             tensor = ckpt.get(name)
-            ckpt.release()
             assert tensor.dtype == torch.float32
             assert torch.equal(tensor, expected[name]), name
         assert ckpt.config.to_dict() == {

@@ -63,9 +63,6 @@ class SafetensorsModel:
         name = HF_EMBED if HF_EMBED in names else names[0]
         return str(self._files.info(name).dtype).removeprefix("torch.")
 
-    def release(self) -> None:
-        """Nothing is mapped (see the class docstring)."""
-
     def close(self) -> None:
         self._files.close()
 
@@ -77,7 +74,7 @@ class SafetensorsModel:
 
 
 class GGUFCheckpoint:
-    """A llama ``.gguf`` file read a tensor at a time, each dequantized to float32 when asked for.
+    """A llama ``.gguf`` file read a tensor at a time, each dequantized when asked for.
 
     Only public APIs: the config from ``AutoConfig.from_pretrained(..., gguf_file=)``, GGUF <->
     HF names from the ``gguf`` package's ``get_tensor_name_map`` over the HF names of a
@@ -156,7 +153,7 @@ class GGUFCheckpoint:
                     warnings.simplefilter("ignore", UserWarning)  # they are only read
                     rows[start : start + step].copy_(torch.from_numpy(chunk))
                 del chunk
-                self.release()  # the chunk's file pages too: they are read once
+                self._drop_read_pages()  # each chunk's pages are read once
         except Exception as exc:  # an unsupported quantization type, a truncated file
             raise UserError(
                 f"{self.path}: cannot dequantize {tensor.name} ({tensor.tensor_type.name}: {exc})"
@@ -173,10 +170,11 @@ class GGUFCheckpoint:
     def dtype_name(self) -> str:
         return "float32"  # what dequantization gives, whatever the file's quantization
 
-    def release(self) -> None:
-        """Drop the file pages read so far from this process (as unmapping does for
-        safetensors); the mapping stays, so the next tensor re-reads only its own pages.
-        Reopening instead would re-parse the whole header (seconds, with the vocabulary)."""
+    def _drop_read_pages(self) -> None:
+        """Drop the file pages read so far from this process's memory (mapped pages that were
+        read count in RSS until dropped or unmapped); the mapping stays, so the next read
+        faults in only its own pages. Reopening instead would re-parse the whole header
+        (seconds, with the vocabulary)."""
         mapping = getattr(self._reader.data, "_mmap", None)
         if mapping is not None and hasattr(mmap, "MADV_DONTNEED"):
             mapping.madvise(mmap.MADV_DONTNEED)

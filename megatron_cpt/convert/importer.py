@@ -100,7 +100,6 @@ def import_hf(cfg: ImportConfig) -> Path:
         _check_every_parameter_has_a_source(model, ckpt, lay)
 
         def source(name: str, param_dtype: torch.dtype) -> torch.Tensor:
-            ckpt.release()  # drop the file pages the previous tensor was read from
             # each HF tensor read straight into the parameter's dtype (norms stay float32 in
             # a bf16 model: megatron-core's local RMSNorm keeps its weight in float32)
             return hf_to_mcore_tensor(name, lambda hf_name: ckpt.get(hf_name, param_dtype), lay)

@@ -20,6 +20,7 @@ from megatron_cpt.convert.loading import load_megatron_model, megatron_logits
 from megatron_cpt.errors import UserError
 from tests.gguf_files import write_llama_gguf
 from tests.test_convert import TOL, hf_logits, make_tiny_hf, sample_ids
+from tests.test_streaming_import import assert_bf16_cast_of
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -141,9 +142,7 @@ def test_gguf_import_to_bfloat16_is_the_cast_of_the_float32_import(tiny_ggufs, t
     for dtype in ("float32", "bfloat16"):
         import_hf(ImportConfig(str(path), str(tmp_path / f"mc_{dtype}"), dtype=dtype))
         export_hf(ExportConfig(str(tmp_path / f"mc_{dtype}"), str(tmp_path / f"hf_{dtype}")))
-    wide = load_file(tmp_path / "hf_float32" / "model.safetensors")
-    narrow = load_file(tmp_path / "hf_bfloat16" / "model.safetensors")
-    assert wide.keys() == narrow.keys()
-    for name, tensor in wide.items():
-        assert narrow[name].dtype == torch.bfloat16, name
-        assert torch.equal(narrow[name], tensor.to(torch.bfloat16)), name
+    assert_bf16_cast_of(
+        load_file(tmp_path / "hf_bfloat16" / "model.safetensors"),
+        load_file(tmp_path / "hf_float32" / "model.safetensors"),
+    )

@@ -133,9 +133,15 @@ def test_dtype_cast_at_import_is_the_cast_of_each_source_tensor(tmp_path):
     make_tiny_hf("gqa-untied-llama3", tmp_path / "hf", dtype=torch.float32)
     import_hf(ImportConfig(str(tmp_path / "hf"), str(tmp_path / "mc"), dtype="bfloat16"))
     export_hf(ExportConfig(str(tmp_path / "mc"), str(tmp_path / "out")))
-    source = load_file(tmp_path / "hf" / "model.safetensors")
-    exported = load_file(tmp_path / "out" / "model.safetensors")
-    assert source.keys() == exported.keys()
-    for name, tensor in source.items():
-        assert exported[name].dtype == torch.bfloat16, name
-        assert torch.equal(exported[name], tensor.to(torch.bfloat16)), name
+    assert_bf16_cast_of(
+        load_file(tmp_path / "out" / "model.safetensors"),
+        load_file(tmp_path / "hf" / "model.safetensors"),
+    )
+
+
+def assert_bf16_cast_of(narrow: dict, wide: dict) -> None:
+    """Every tensor of ``narrow`` is bf16 and exactly its ``wide`` counterpart cast."""
+    assert wide.keys() == narrow.keys()
+    for name, tensor in wide.items():
+        assert narrow[name].dtype == torch.bfloat16, name
+        assert torch.equal(narrow[name], tensor.to(torch.bfloat16)), name

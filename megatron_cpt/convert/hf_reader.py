@@ -6,8 +6,9 @@ Each tensor is made only when the converter asks for it, so a multi-shard 70B di
 - safetensors: one positioned read per tensor (``megatron_cpt.safetensors_io``, shared with
   merging), nothing memory-mapped;
 - GGUF: ``gguf.GGUFReader`` maps the file and ``gguf.dequantize`` turns one tensor into
-  float32, a chunk of rows at a time; each tensor equals, bit for bit, what transformers'
-  ``from_pretrained(..., gguf_file=)`` loads (tested on the shipped SmolLM2 GGUF).
+  float32 (or the dtype asked for), a chunk of rows at a time; each float32 tensor equals, bit
+  for bit, what transformers' ``from_pretrained(..., gguf_file=)`` loads (tested on the
+  shipped SmolLM2 GGUF).
 
 Every tensor is returned in memory it owns (torch-allocated), so the streaming save can free it
 as soon as it is written.

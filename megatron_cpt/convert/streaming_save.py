@@ -15,9 +15,9 @@ megatron-core steps as the trainer's (``dist_checkpointing.save`` → sharded ke
 
 Peak memory is therefore one megatron tensor plus what it is made of (for a Llama: the padded
 embedding), not the model; the writer's own habit of keeping written tensors is defeated by
-emptying each one's storage once it is on disk (``_free_written``). The files are the usual torch_dist checkpoint (``metadata.json``,
-``common.pt``, ``.metadata``, ``__0_0.distcp``) and load through ``dist_checkpointing.load`` at
-any TP/PP, like a trainer checkpoint.
+emptying each one's storage once it is on disk (``_free_written``). The files are the usual
+torch_dist checkpoint (``metadata.json``, ``common.pt``, ``.metadata``, ``__0_0.distcp``) and
+load through ``dist_checkpointing.load`` at any TP/PP, like a trainer checkpoint.
 
 Which part of which parameter a write item is: megatron-core describes every shard by a *view*
 of the parameter (a layer's slice of a stacked key, the gate or up half of ``linear_fc1`` for
@@ -42,7 +42,7 @@ Source = Callable[[str, torch.dtype], torch.Tensor]
 
 def streaming_save_strategy(source: Source, order: Callable[[str], int] | None = None):
     """A ``dist_checkpointing`` save strategy (torch_dist format, version 1) for one process
-    that writes ``source(name)`` for every parameter ``name`` of a meta-device model.
+    that writes ``source(name, dtype)`` for every parameter ``name`` of a meta-device model.
 
     ``source(name, dtype)`` is called once per parameter (the result is kept for the
     parameter's other shards, e.g. the up half of ``linear_fc1`` after the gate half) and must

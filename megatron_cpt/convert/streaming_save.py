@@ -160,8 +160,8 @@ def _free_written(tensor: torch.Tensor) -> None:
     torch's ``FileSystemWriter`` keeps every tensor it wrote to a file in a dict keyed by
     sharded key until the file is closed (the dict is only read for its safetensors format).
     For a converter that writes one file, that held the embedding and one layer's worth of
-    every kind of tensor for the whole save (1B model, float32: 1 GiB + 0.3 GiB), whatever
-    the streaming. The serial loader asks for the next tensor only after writing the previous
+    every kind of tensor for the whole save (1B model, float32: ~1 GiB held while the layers
+    were written), whatever the streaming. The serial loader asks for the next tensor only after writing the previous
     one, so when the planner is asked for a new parameter the previous one is on disk and its
     storage can be emptied; the writer's leftover references then hold nothing."""
     storage = tensor.untyped_storage()

@@ -5,6 +5,7 @@ Extras keep heavyweight or GPU-only parts optional:
   select  - data selection (sentence-transformers embeddings, spaCy POS tags, MinHash LSH)
   eval    - lm-evaluation-harness adapter and report plots
   gpu     - Transformer Engine (FP8, TE layer spec); installs only on CUDA machines
+  wandb   - Weights & Biases logging (--wandb-project)
   test    - pytest and the reference implementations the tests compare against
 """
 
@@ -44,6 +45,7 @@ EXTRAS = {
     ],
     "eval": ["lm-eval>=0.4", "matplotlib", "scikit-learn"],
     "gpu": ["transformer-engine[pytorch]"],
+    "wandb": ["wandb"],
     "test": ["pytest>=8", "pytest-timeout", "ruff", "mergekit"],
 }
 EXTRAS["all"] = sorted({d for k, v in EXTRAS.items() if k != "gpu" for d in v})

@@ -1,19 +1,31 @@
-"""Run configuration: Megatron-LM flag names, an optional YAML file, typed component configs.
+"""Run configuration: Megatron-LM flag names, an optional YAML file, one typed config tree.
 
 Why Megatron-LM's names: CPT users arrive with Megatron-LM launch scripts; the same flags (and a
 YAML file holding the same keys, dashes or underscores) work here. Flags given on the command line
-win over the YAML file, which wins over defaults. Everything is validated into one-line
-``UserError``s before any process group, model or dataset is built.
+win over the YAML file, which wins over defaults.
+
+Why one tree: flags, YAML and the metadata of the checkpoint a run starts from are resolved once,
+here (``resolve_config``), into a ``TrainConfig`` whose sections (``arch``, ``build``, ``batch``,
+``optim``, ``sched``, ``data``, ``checkpoint``, ``logging``, ``run``) are the typed settings each
+training module takes; the argparse ``Namespace`` goes no further than this module. Every check
+is a one-line ``UserError`` before any process group, model or dataset is built.
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from megatron_cpt.errors import UserError
+
+if TYPE_CHECKING:
+    from megatron_cpt.model import LlamaArch, ModelBuildConfig
+    from megatron_cpt.tokenizers import Tokenizer
+    from megatron_cpt.training.data import DataSettings
+    from megatron_cpt.training.optimizer import OptimizerSettings, ScheduleSettings
 
 
 @dataclass
@@ -24,6 +36,9 @@ class CheckpointSettings:
     pretrained_checkpoint: str | None = None
     keep_last: int | None = None
     no_save_optim: bool = False
+    finetune: bool = False  # weights only from --load, iteration 0
+    no_load_optim: bool = False  # resume without optimizer and LR-scheduler state
+    no_load_rng: bool = False
 
 
 @dataclass
@@ -34,10 +49,20 @@ class LoggingSettings:
     tensorboard_dir: str | None = None
     run_dir: str | None = None
     max_nan_skips: int = 5
+    wandb_project: str | None = None
+    wandb_exp_name: str | None = None
+    wandb_save_dir: str | None = None
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
-    g = parser.add_argument_group("model")
+    g = parser.add_argument_group(
+        "model",
+        "Without --model (and no checkpoint to take it from) the architecture comes from these "
+        "flags alone, with Megatron-LM's defaults: GeLU MLP unless --swiglu, LayerNorm unless "
+        "--normalization RMSNorm, learned absolute positions unless --position-embedding-type "
+        "rope, biases unless --disable-bias-linear, tied embeddings, dropout 0.1. With --model "
+        "they override the preset's fields.",
+    )
     g.add_argument(
         "--model",
         default=None,
@@ -58,10 +83,46 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
         ("--vocab-size", int),
     ):
         g.add_argument(flag, type=typ, default=None)
-    g.add_argument("--group-query-attention", action="store_true", help="accepted for Megatron-LM")
+    g.add_argument(
+        "--group-query-attention",
+        action="store_true",
+        help="flags-only model: use --num-query-groups (default 1); without it, one KV group "
+        "per head (Megatron-LM's rule)",
+    )
+    g.add_argument("--swiglu", action="store_true", help="SwiGLU MLP (default: GeLU)")
+    g.add_argument("--normalization", default=None, choices=["LayerNorm", "RMSNorm"])
+    g.add_argument("--position-embedding-type", default=None, choices=["learned_absolute", "rope"])
+    g.add_argument("--rotary-percent", type=float, default=None)
+    g.add_argument(
+        "--use-rope-scaling",
+        action="store_true",
+        help="Llama-3.1 RoPE frequency scaling (factor --rope-scaling-factor, low 1, high 4, "
+        "original 8192, as megatron-core)",
+    )
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0)
+    g.add_argument("--disable-bias-linear", action="store_true")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument(
+        "--attention-dropout",
+        type=float,
+        default=None,
+        help="default 0.1 for a flags-only model (Megatron-LM), 0.0 for --model/checkpoint CPT",
+    )
+    g.add_argument("--hidden-dropout", type=float, default=None, help="as --attention-dropout")
+    g.add_argument(
+        "--apply-layernorm-1p",
+        action="store_true",
+        help="refused: zero-centred norm weights (megatron-core's torch norms refuse them)",
+    )
+    g.add_argument("--use-mcore-models", action="store_true", help="no-op (always mcore)")
+    g.add_argument(
+        "--transformer-impl",
+        default=None,
+        choices=["local", "transformer_engine"],
+        help="default: transformer_engine when it imports, else local",
+    )
 
 
 def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
@@ -105,8 +166,27 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp8-format", default=None, choices=["e4m3", "hybrid"])
-    g.add_argument("--recompute-activations", action="store_true")
+    g.add_argument(
+        "--fp8-recipe", default=None, choices=["delayed", "tensorwise", "mxfp8", "blockwise"]
+    )
+    g.add_argument("--fp8-amax-history-len", type=int, default=None)
+    g.add_argument("--fp8-amax-compute-algo", default=None, choices=["max", "most_recent"])
+    g.add_argument("--recompute-activations", action="store_true", help="= selective")
+    g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
+    g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
+    g.add_argument("--recompute-num-layers", type=int, default=None)
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument(
+        "--exit-duration-in-mins",
+        type=float,
+        default=None,
+        help="save (with --save) and stop cleanly once the run has lasted this long",
+    )
+    g.add_argument(
+        "--exit-signal-handler",
+        action="store_true",
+        help="on SIGTERM: finish the iteration, save (with --save) and exit 0",
+    )
     g.add_argument(
         "--max-nan-skips",
         type=int,
@@ -118,15 +198,43 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None, help="W1 PREFIX1 W2 PREFIX2 ...")
+    g.add_argument(
+        "--train-data-path",
+        nargs="+",
+        default=None,
+        help="instead of --data-path: the training blend only (--split is then not used)",
+    )
     g.add_argument("--split", default="969,30,1")
-    g.add_argument("--valid-data-path", nargs="+", default=[], metavar="NAME=PREFIX")
+    g.add_argument(
+        "--valid-data-path",
+        nargs="+",
+        default=[],
+        metavar="NAME=PREFIX|W PREFIX",
+        help="NAME=PREFIX ... adds one named validation set each; Megatron-LM's [W1] P1 [W2 "
+        "P2 ...] is one blended set 'valid' replacing the --split valid part "
+        "(one set per prefix with --multiple-validation-sets)",
+    )
+    g.add_argument("--multiple-validation-sets", action="store_true")
+    g.add_argument(
+        "--test-data-path",
+        nargs="+",
+        default=[],
+        help="[W1] P1 ...: evaluated once at the end of training, logged as 'test'",
+    )
+    g.add_argument(
+        "--mock-data",
+        action="store_true",
+        help="megatron-core's MockGPTDataset instead of shards (smoke runs; no --data-path)",
+    )
     g.add_argument("--data-cache-path", default=None)
     g.add_argument("--tokenizer-type", default=None)
     g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--eod-mask-loss", action="store_true")
     g.add_argument("--reset-position-ids", action="store_true")
     g.add_argument("--reset-attention-mask", action="store_true")
-    g.add_argument("--num-workers", type=int, default=0)
+    g.add_argument(
+        "--num-workers", type=int, default=0, help="DataLoader worker processes for training"
+    )
 
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +250,13 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--keep-last", type=int, default=None)
     g.add_argument("--no-save-optim", action="store_true")
+    g.add_argument(
+        "--finetune",
+        action="store_true",
+        help="load only the weights from --load and start at iteration 0 (fresh optimizer)",
+    )
+    g.add_argument("--no-load-optim", action="store_true", help="resume without optimizer/LR state")
+    g.add_argument("--no-load-rng", action="store_true", help="resume without RNG state")
 
 
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
@@ -150,6 +265,9 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--wandb-project", default=None, help="needs the 'wandb' extra")
+    g.add_argument("--wandb-exp-name", default=None)
+    g.add_argument("--wandb-save-dir", default=None, help="default: RUN_DIR/wandb")
     g.add_argument(
         "--run-dir",
         default=None,
@@ -230,28 +348,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def checkpoint_settings(args: argparse.Namespace) -> CheckpointSettings:
-    return CheckpointSettings(
-        save=args.save,
-        load=args.load,
-        save_interval=args.save_interval,
-        pretrained_checkpoint=args.pretrained_checkpoint,
-        keep_last=args.keep_last,
-        no_save_optim=args.no_save_optim,
-    )
-
-
-def logging_settings(args: argparse.Namespace) -> LoggingSettings:
-    return LoggingSettings(
-        log_interval=args.log_interval,
-        eval_interval=args.eval_interval,
-        eval_iters=args.eval_iters,
-        tensorboard_dir=args.tensorboard_dir,
-        run_dir=args.run_dir or args.save or "runs/pretrain",
-        max_nan_skips=args.max_nan_skips,
-    )
-
-
 @dataclass
 class BatchSettings:
     micro_batch_size: int
@@ -267,6 +363,33 @@ class BatchSettings:
     @property
     def train_samples(self) -> int:
         return self.train_iters * self.global_batch_size
+
+
+@dataclass
+class RunSettings:
+    """Run control: seeding and when to stop early (cluster time limits, pre-emption)."""
+
+    seed: int = 1234
+    exit_duration_in_mins: float | None = None
+    exit_signal: int | None = None  # signal.SIGTERM with --exit-signal-handler
+    record: dict = field(default_factory=dict)  # the flags as given, saved with checkpoints
+
+
+@dataclass
+class TrainConfig:
+    """Everything the trainer needs, resolved and validated; one typed section per module."""
+
+    arch: LlamaArch
+    arch_source: str
+    build: ModelBuildConfig
+    batch: BatchSettings
+    optim: OptimizerSettings
+    sched: ScheduleSettings
+    data: DataSettings
+    tokenizer: Tokenizer
+    checkpoint: CheckpointSettings
+    logging: LoggingSettings
+    run: RunSettings
 
 
 def batch_settings(args: argparse.Namespace, data_parallel_size: int) -> BatchSettings:
@@ -292,12 +415,398 @@ def batch_settings(args: argparse.Namespace, data_parallel_size: int) -> BatchSe
     return BatchSettings(mbs, gbs, data_parallel_size, iters, args.seq_length)
 
 
-@dataclass
-class ResolvedConfig:
-    """Everything the trainer needs, already validated."""
+# ------------------------------------------------------------------------------------------
+# Resolution: flags (+ YAML) + checkpoint metadata -> TrainConfig
+# ------------------------------------------------------------------------------------------
 
-    args: argparse.Namespace
-    batch: BatchSettings
-    checkpoint: CheckpointSettings
-    logging: LoggingSettings
-    extra: dict = field(default_factory=dict)
+
+def _world_size() -> int:
+    import os
+
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _check_flags(args: argparse.Namespace) -> None:
+    """Flags we accept but cannot honour here, and plain value errors: one line each."""
+    from megatron_cpt import platform
+
+    if args.lr < 0:
+        raise UserError(f"--lr must be >= 0, got {args.lr}")
+    if args.min_lr < 0:
+        raise UserError(f"--min-lr must be >= 0, got {args.min_lr}")
+    if args.log_interval < 1:
+        raise UserError(f"--log-interval must be >= 1, got {args.log_interval}")
+    if args.eval_interval is not None and args.eval_interval < 1:
+        raise UserError(f"--eval-interval must be >= 1, got {args.eval_interval}")
+    if args.eval_iters < 1:
+        raise UserError(f"--eval-iters must be >= 1, got {args.eval_iters}")
+    if args.make_vocab_size_divisible_by < 1:
+        raise UserError(
+            f"--make-vocab-size-divisible-by must be >= 1, got {args.make_vocab_size_divisible_by}"
+        )
+    if args.num_workers < 0:
+        raise UserError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.exit_duration_in_mins is not None and args.exit_duration_in_mins <= 0:
+        raise UserError(f"--exit-duration-in-mins must be > 0, got {args.exit_duration_in_mins}")
+    for flag in ("attention_dropout", "hidden_dropout"):
+        value = getattr(args, flag)
+        if value is not None and not 0.0 <= value < 1.0:
+            raise UserError(f"--{flag.replace('_', '-')} must be in [0, 1), got {value}")
+    if args.apply_layernorm_1p:
+        raise UserError(
+            "--apply-layernorm-1p: zero-centred norm weights are not supported (megatron-core's "
+            "local-spec torch norms refuse them and HF Llama has no equivalent); drop the flag"
+        )
+    te = platform.have_transformer_engine()
+    if args.transformer_impl == "transformer_engine" and not te:
+        raise UserError(
+            "--transformer-impl transformer_engine: Transformer Engine does not import here "
+            "(it needs a GPU with TE installed); use --transformer-impl local"
+        )
+    for flag in ("fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo"):
+        if getattr(args, flag) is not None and not args.fp8_format:
+            raise UserError(f"--{flag.replace('_', '-')} needs --fp8-format (FP8 training)")
+    if args.fp8_format and (not te or args.transformer_impl == "local"):
+        raise UserError("--fp8-format needs Transformer Engine (a GPU with TE installed)")
+    if args.recompute_granularity != "full":
+        for flag in ("recompute_method", "recompute_num_layers"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag.replace('_', '-')} needs --recompute-granularity full")
+    if args.recompute_num_layers is not None and args.recompute_num_layers < 1:
+        raise UserError(f"--recompute-num-layers must be >= 1, got {args.recompute_num_layers}")
+    if args.recompute_activations and args.recompute_granularity == "full":
+        raise UserError(
+            "--recompute-activations means --recompute-granularity selective; give one of them"
+        )
+    if args.wandb_project:
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise UserError(
+                "--wandb-project: the 'wandb' package is not installed "
+                "(pip install 'megatron-cpt[wandb]')"
+            ) from None
+    if args.finetune and not args.load:
+        raise UserError("--finetune needs --load (the checkpoint whose weights to start from)")
+    if args.finetune and args.pretrained_checkpoint:
+        raise UserError("give either --finetune --load DIR or --pretrained-checkpoint DIR")
+    sources = [f for f in ("data_path", "train_data_path", "mock_data") if getattr(args, f)]
+    if len(sources) > 1:
+        names = " and ".join("--" + f.replace("_", "-") for f in sources)
+        raise UserError(f"{names}: give only one source of training data")
+
+
+def _ffn_default(hidden: int, swiglu: bool) -> int:
+    """Megatron-LM's default FFN size: 4h, or 2/3 of it rounded down to 64 for SwiGLU."""
+    return int((4 * hidden * 2 / 3) / 64) * 64 if swiglu else 4 * hidden
+
+
+def _arch_from_flags(args: argparse.Namespace, vocab_size: int) -> LlamaArch:
+    """A model defined by Megatron-LM flags alone, with Megatron-LM's defaults."""
+    from megatron_cpt.model import LlamaArch, RopeScaling
+
+    for flag in ("num_layers", "hidden_size", "num_attention_heads"):
+        if getattr(args, flag) is None:
+            raise UserError(
+                f"--{flag.replace('_', '-')} is required without --model (give a preset, an HF "
+                "config.json, or the full shape as Megatron-LM flags)"
+            )
+    heads = args.num_attention_heads
+    groups = (args.num_query_groups or 1) if args.group_query_attention else heads
+    rope = (args.position_embedding_type or "learned_absolute") == "rope"
+    return LlamaArch(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size or _ffn_default(args.hidden_size, args.swiglu),
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        vocab_size=vocab_size,
+        max_position_embeddings=args.max_position_embeddings or args.seq_length,
+        rope_theta=args.rotary_base if args.rotary_base is not None else 10000.0,
+        rope_scaling=RopeScaling(factor=args.rope_scaling_factor)
+        if args.use_rope_scaling
+        else None,
+        norm_eps=args.norm_epsilon if args.norm_epsilon is not None else 1e-5,
+        tie_word_embeddings=not args.untie_embeddings_and_output_weights,
+        head_dim=args.kv_channels,
+        normalization=args.normalization or "LayerNorm",
+        swiglu=bool(args.swiglu),
+        position_embedding_type="rope" if rope else "learned_absolute",
+        rotary_percent=args.rotary_percent if args.rotary_percent is not None else 1.0,
+        add_bias_linear=not args.disable_bias_linear,
+    ).validate()
+
+
+def _apply_overrides(arch: LlamaArch, args: argparse.Namespace) -> LlamaArch:
+    """Shape/architecture flags on top of a preset, HF config or checkpoint architecture.
+    (Store-true flags such as --swiglu cannot turn a Llama choice off, so only the valued
+    ones change it.)"""
+    from megatron_cpt.model import RopeScaling
+
+    tie = None
+    if args.untie_embeddings_and_output_weights:
+        tie = False
+    return arch.replace(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        head_dim=args.kv_channels,
+        max_position_embeddings=args.max_position_embeddings,
+        rope_theta=args.rotary_base,
+        rope_scaling=RopeScaling(factor=args.rope_scaling_factor)
+        if args.use_rope_scaling
+        else None,
+        norm_eps=args.norm_epsilon,
+        vocab_size=args.vocab_size,
+        tie_word_embeddings=tie,
+        normalization=args.normalization,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        add_bias_linear=False if args.disable_bias_linear else None,
+    ).validate()
+
+
+def resolve_arch(args: argparse.Namespace) -> tuple[LlamaArch | None, str]:
+    """The architecture: ``--model``, else the checkpoint we start from, else flags alone
+    (then returned as None: its vocabulary comes from the tokenizer, built later)."""
+    from megatron_cpt.model import get_arch
+    from megatron_cpt.training import checkpointing
+
+    if args.model is not None:
+        return _apply_overrides(get_arch(args.model), args), args.model
+    for ckpt in (args.save, args.load, args.pretrained_checkpoint):
+        if ckpt and (
+            checkpointing.latest_iteration(ckpt) is not None
+            or (Path(ckpt) / checkpointing.METADATA_FILE).exists()
+        ):
+            return _apply_overrides(checkpointing.read_metadata(ckpt)["arch"], args), ckpt
+    return None, "flags"
+
+
+def _build_tokenizer(args: argparse.Namespace) -> Tokenizer:
+    from megatron_cpt.tokenizers import NullTokenizer, build_tokenizer
+
+    if args.tokenizer_type == "NullTokenizer":
+        return NullTokenizer(args.vocab_size)
+    if not args.tokenizer_type or not args.tokenizer_model:
+        raise UserError("--tokenizer-type and --tokenizer-model are required (the data's EOD id)")
+    return build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+
+
+def _record(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items()}
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Every config check that needs no process group, model or data: one line, before compute."""
+    from megatron_cpt import platform
+    from megatron_cpt.model import ModelBuildConfig, validate_parallelism
+    from megatron_cpt.training import checkpointing
+    from megatron_cpt.training.data import (
+        DataSettings,
+        check_prefix,
+        parse_blend,
+        parse_split,
+        parse_validation_sets,
+    )
+    from megatron_cpt.training.optimizer import OptimizerSettings, ScheduleSettings
+
+    _check_flags(args)
+    world = _world_size()
+    if (
+        args.load
+        and not checkpointing.checkpoint_exists(args.load)
+        and not args.pretrained_checkpoint
+    ):
+        raise UserError(
+            f"--load {args.load}: no published checkpoint there (give --pretrained-checkpoint "
+            "for a CPT start, or drop --load to train from scratch)"
+        )
+    arch, arch_source = resolve_arch(args)
+    flags_only = arch is None
+    if flags_only:
+        # Validate the shape now; the vocabulary (from the tokenizer) is filled in below.
+        arch = _arch_from_flags(args, vocab_size=args.vocab_size or 1)
+    default_dropout = 0.1 if flags_only else 0.0
+    use_te = {None: None, "local": False, "transformer_engine": True}[args.transformer_impl]
+    build = ModelBuildConfig(
+        tensor_parallel=args.tensor_model_parallel_size,
+        pipeline_parallel=args.pipeline_model_parallel_size,
+        context_parallel=args.context_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        bf16=args.bf16,
+        fp8_format=args.fp8_format,
+        fp8_recipe=args.fp8_recipe,
+        fp8_amax_history_len=args.fp8_amax_history_len,
+        fp8_amax_compute_algo=args.fp8_amax_compute_algo,
+        recompute_activations=args.recompute_activations,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        attention_dropout=(
+            args.attention_dropout if args.attention_dropout is not None else default_dropout
+        ),
+        hidden_dropout=args.hidden_dropout if args.hidden_dropout is not None else default_dropout,
+        init_method_std=args.init_method_std,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        use_transformer_engine=use_te,
+    )
+    validate_parallelism(arch, build, world)
+    if build.recompute_granularity == "full" and (build.recompute_num_layers or 1) > (
+        arch.num_layers // build.pipeline_parallel
+    ):
+        raise UserError(
+            f"--recompute-num-layers {build.recompute_num_layers} exceeds the layers per "
+            f"pipeline stage ({arch.num_layers // build.pipeline_parallel})"
+        )
+    if args.bf16 and not platform.has_cuda():
+        raise UserError("--bf16 needs a GPU here (CPU runs train in fp32)")
+    dp = world // (build.tensor_parallel * build.pipeline_parallel * build.context_parallel)
+    batch = batch_settings(args, dp)
+    if args.seq_length > arch.max_position_embeddings:
+        raise UserError(
+            f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
+            f"({arch.max_position_embeddings})"
+        )
+    train_flag = "--train-data-path" if args.train_data_path else "--data-path"
+    train_path = args.train_data_path or args.data_path
+    if not train_path and not args.mock_data:
+        raise UserError(
+            "--data-path: give the training shards (W1 PREFIX1 W2 PREFIX2 ...), or --mock-data"
+        )
+    if train_path:
+        prefixes, _ = parse_blend(train_path, train_flag)
+        for p in prefixes:
+            check_prefix(p, train_flag)
+    valid_sets = parse_validation_sets(args.valid_data_path, args.multiple_validation_sets)
+    for prefixes, _ in valid_sets.values():
+        for p in prefixes:
+            check_prefix(p, "--valid-data-path")
+    if args.test_data_path:
+        for p in parse_blend(args.test_data_path, "--test-data-path")[0]:
+            check_prefix(p, "--test-data-path")
+    parse_split(args.split)
+    tokenizer = _build_tokenizer(args)
+    if flags_only:
+        # Megatron-LM: the vocabulary is the tokenizer's (padded later by
+        # --make-vocab-size-divisible-by x TP); --vocab-size sizes a NullTokenizer, or widens it.
+        vocab = tokenizer.vocab_size
+        if args.vocab_size and args.tokenizer_type != "NullTokenizer":
+            vocab = args.vocab_size
+        arch = arch.replace(vocab_size=vocab)
+    if tokenizer.vocab_size > arch.vocab_size:
+        raise UserError(
+            f"--tokenizer-model {args.tokenizer_model}: vocabulary of {tokenizer.vocab_size} "
+            f"tokens is larger than the model's vocab_size {arch.vocab_size}"
+        )
+    for flag, ckpt in (("--pretrained-checkpoint", args.pretrained_checkpoint),
+                       ("--load", args.load), ("--save", args.save)):  # fmt: skip
+        if not ckpt or (
+            flag != "--pretrained-checkpoint" and not checkpointing.checkpoint_exists(ckpt)
+        ):
+            continue
+        saved = checkpointing.read_metadata(ckpt)["arch"]
+        diff = arch.differences(saved)
+        if diff:
+            raise UserError(
+                f"{flag} {ckpt}: the checkpoint's architecture differs from the requested model "
+                f"({arch_source}): {'; '.join(diff[:3])}; drop --model to use the checkpoint's"
+            )
+    if args.save_interval is not None and args.save_interval < 1:
+        raise UserError("--save-interval must be >= 1")
+    if args.save_interval and not args.save:
+        raise UserError("--save-interval needs --save DIR")
+    if args.keep_last is not None and args.keep_last < 1:
+        raise UserError("--keep-last must be >= 1")
+    warmup = args.lr_warmup_iters
+    if args.lr_warmup_fraction is not None:
+        warmup = int(args.lr_warmup_fraction * (args.lr_decay_iters or batch.train_iters))
+    optim = OptimizerSettings(
+        lr=args.lr,
+        min_lr=args.min_lr,
+        weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2,
+        adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad,
+        bf16=args.bf16,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+    if args.min_lr > args.lr:
+        raise UserError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
+    if args.use_distributed_optimizer and not platform.has_cuda():
+        raise UserError("--use-distributed-optimizer needs GPUs (it refuses CPU tensors)")
+    sched = ScheduleSettings(
+        train_iters=batch.train_iters,
+        lr_warmup_iters=warmup,
+        lr_warmup_init=args.lr_warmup_init,
+        lr_decay_iters=args.lr_decay_iters,
+        lr_decay_style=args.lr_decay_style,
+        lr_wsd_decay_iters=args.lr_wsd_decay_iters,
+        lr_wsd_decay_style=args.lr_wsd_decay_style,
+    )
+    sched.validate()
+    data = DataSettings(
+        data_path=list(args.data_path or []),
+        train_data_path=list(args.train_data_path or []),
+        split=args.split,
+        valid_sets=valid_sets,
+        valid_replaces_split=bool(valid_sets) and not _named_form(args.valid_data_path),
+        test_data_path=list(args.test_data_path or []),
+        mock=args.mock_data,
+        data_cache_path=args.data_cache_path,
+        seq_length=args.seq_length,
+        seed=args.seed,
+        eod_mask_loss=args.eod_mask_loss,
+        reset_position_ids=args.reset_position_ids,
+        reset_attention_mask=args.reset_attention_mask,
+        num_workers=args.num_workers,
+    )
+    return TrainConfig(
+        arch=arch,
+        arch_source=arch_source,
+        build=build,
+        batch=batch,
+        optim=optim,
+        sched=sched,
+        data=data,
+        tokenizer=tokenizer,
+        checkpoint=CheckpointSettings(
+            save=args.save,
+            load=args.load,
+            save_interval=args.save_interval,
+            pretrained_checkpoint=args.pretrained_checkpoint,
+            keep_last=args.keep_last,
+            no_save_optim=args.no_save_optim,
+            finetune=args.finetune,
+            no_load_optim=args.no_load_optim,
+            no_load_rng=args.no_load_rng,
+        ),
+        logging=LoggingSettings(
+            log_interval=args.log_interval,
+            eval_interval=args.eval_interval,
+            eval_iters=args.eval_iters,
+            tensorboard_dir=args.tensorboard_dir,
+            run_dir=args.run_dir or args.save or "runs/pretrain",
+            max_nan_skips=args.max_nan_skips,
+            wandb_project=args.wandb_project,
+            wandb_exp_name=args.wandb_exp_name,
+            wandb_save_dir=args.wandb_save_dir,
+        ),
+        run=RunSettings(
+            seed=args.seed,
+            exit_duration_in_mins=args.exit_duration_in_mins,
+            exit_signal=signal.SIGTERM if args.exit_signal_handler else None,
+            record=_record(args),
+        ),
+    )
+
+
+def _named_form(items: list[str]) -> bool:
+    return bool(items) and all("=" in str(x) for x in items)

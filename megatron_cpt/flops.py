@@ -10,7 +10,8 @@ the forward, so training is 3× forward:
     F_token = 6·[L·(h·(n_q + 2·n_kv)·d + n_q·d·h + 3·h·f) + h·V] + 12·L·s·n_q·d
 
 with L layers, hidden h, n_q query heads, n_kv KV heads, head dim d, FFN size f, vocabulary V
-(padded: the LM head computes every padded row), sequence length s. Norms, RoPE, softmax and
+(padded: the LM head computes every padded row), sequence length s. A GeLU MLP (no
+``--swiglu``) has 2·h·f weights instead of 3·h·f. Norms, RoPE, softmax and
 the loss are O(h) per token and left out, as everywhere.
 """
 
@@ -23,7 +24,7 @@ def matmul_params_per_layer(arch: LlamaArch) -> int:
     h, d = arch.hidden_size, arch.kv_channels
     qkv = h * (arch.num_attention_heads + 2 * arch.num_query_groups) * d
     out = arch.num_attention_heads * d * h
-    mlp = 3 * h * arch.ffn_hidden_size
+    mlp = (3 if arch.swiglu else 2) * h * arch.ffn_hidden_size  # gate+up+down, or fc1+fc2
     return qkv + out + mlp
 
 

@@ -22,6 +22,7 @@ import random
 import socket
 import sys
 import types
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,16 @@ import torch
 import torch.distributed as dist
 
 _CPU = torch.device("cpu")
+
+
+# megatron-core warns "Transformer Engine and Apex are not installed" once per module that has a
+# fallback (optimizer, clip_grads, multi-tensor ops, FSDP, norms), several times per run and rank;
+# ``startup_notes()`` says it once instead.
+for _message in (
+    "Transformer Engine and Apex are not installed",
+    "Apex is not installed. Falling back to Torch Norm",
+):
+    warnings.filterwarnings("ignore", message=_message)
 
 
 def has_cuda() -> bool:
@@ -57,6 +68,35 @@ def have_transformer_engine() -> bool:
     except Exception:  # a broken TE build must not stop bf16 training with the local spec
         return False
     return True
+
+
+def have_apex() -> bool:
+    try:
+        import apex  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def startup_notes(bf16: bool) -> list[str]:
+    """The one-line notes a training run prints once at start-up (rank 0): which fused
+    libraries are missing (replacing megatron-core's repeated warning), and that a GPU run
+    without ``--bf16`` trains in plain fp32."""
+    notes = []
+    te, apex = have_transformer_engine(), have_apex()
+    if not te and not apex:
+        where = "GPU" if has_cuda() else "CPU"
+        notes.append(
+            f"> note: {where} run without Transformer Engine and Apex: megatron-core's local "
+            "layer spec, torch AdamW and local multi-tensor ops"
+        )
+    if has_cuda() and not bf16:
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        notes.append(
+            f"warning: training in fp32 on a GPU (TF32 matmuls {'on' if tf32 else 'off'}); "
+            "give --bf16 for mixed precision, as Megatron-LM runs do"
+        )
+    return notes
 
 
 def supports_bf16() -> bool:

@@ -471,6 +471,29 @@ class SentencePieceTokenizer(Tokenizer):
         return _sha256_file(self.model_path)
 
 
+class NullTokenizer(Tokenizer):
+    """Megatron-LM's ``NullTokenizer``: no vocabulary file, token ids are the text's integers;
+    ``--vocab-size V`` ids plus one EOD id ``V``. For ``--mock-data`` runs and pre-tokenized
+    shards whose vocabulary is only a size."""
+
+    name = "NullTokenizer"
+
+    def __init__(self, vocab_size: int):
+        if vocab_size is None or int(vocab_size) < 1:
+            raise UserError("--tokenizer-type NullTokenizer needs --vocab-size >= 1")
+        self.eod = int(vocab_size)
+        self.vocab_size = int(vocab_size) + 1
+
+    def encode(self, text: str) -> list[int]:
+        return [int(x) for x in text.split()]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return " ".join(str(int(i)) for i in ids)
+
+    def _fingerprint(self) -> str:
+        return f"null-{self.eod}"
+
+
 _BUILDERS = {
     "Llama3Tokenizer": Llama3Tokenizer,
     "HuggingFaceTokenizer": HuggingFaceTokenizer,

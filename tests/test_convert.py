@@ -384,9 +384,7 @@ def test_pretrain_first_loss_equals_hf_loss_on_the_same_batch(smollm2_gguf, shar
 
     # The same first global batch, rebuilt through the trainer's own data path.
     settings = build_settings(train_config.parse_args(args))
-    datasets = build_datasets(
-        settings["data"], settings["tokenizer"], settings["batch"].train_samples, 0
-    )
+    datasets = build_datasets(settings.data, settings.tokenizer, settings.batch.train_samples, 0)
     samples = [datasets.train[i] for i in range(4)]
     tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in samples]).long()
     labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long()

@@ -91,12 +91,12 @@ def test_config_errors_before_compute(tmp_path, monkeypatch):
         build_settings(_args(tmp_path, "--load", str(tmp_path / "empty")))
     # The world size as the trainer sees it (a process group initialised by an earlier test in
     # this process would otherwise win over WORLD_SIZE).
-    import megatron_cpt.training.trainer as trainer_module
+    import megatron_cpt.config as config_module
 
-    monkeypatch.setattr(trainer_module, "_world_size_from_env", lambda: 3)
+    monkeypatch.setattr(config_module, "_world_size", lambda: 3)
     with pytest.raises(UserError, match="does not divide num_attention_heads"):
         build_settings(_args(tmp_path, "--tensor-model-parallel-size", "3"))
-    monkeypatch.setattr(trainer_module, "_world_size_from_env", lambda: 4)
+    monkeypatch.setattr(config_module, "_world_size", lambda: 4)
     with pytest.raises(
         UserError, match=r"--pipeline-model-parallel-size 4 does not divide num_layers \(2\)"
     ):

@@ -47,6 +47,13 @@ def export_hf(cfg: ExportConfig) -> Path:
     load = Path(cfg.load_dir)
     meta = read_metadata(load)
     arch = meta["arch"]
+    unmappable = arch.megatron_only_fields()
+    if unmappable:
+        raise UserError(
+            f"--load {cfg.load_dir}: architecture field {unmappable[0]} has no HF Llama "
+            f"equivalent (also: {', '.join(unmappable[1:]) or 'none'}); only Llama-shaped models "
+            "(RMSNorm, SwiGLU, RoPE, no biases) convert to HF"
+        )
     reader = mcore_checkpoint.GlobalTensorReader(Path(meta["path"]))
     lay = tensor_layout(arch, padded_vocab_size=reader.global_shape(MC_EMBED)[0])
     if cfg.dtype is not None and cfg.dtype not in _DTYPES:

@@ -43,6 +43,14 @@ class LlamaArch:
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    # Megatron-LM's other architecture choices (a flags-only model, e.g. from-scratch domain
+    # pretraining with a GPT-2-style net). Defaults are Llama's; anything else trains with
+    # megatron-core but has no HF Llama mapping (``megatron_only_fields``).
+    normalization: str = "RMSNorm"  # "RMSNorm" | "LayerNorm"
+    swiglu: bool = True  # False: GeLU MLP (one fc1 projection)
+    position_embedding_type: str = "rope"  # "rope" | "learned_absolute"
+    rotary_percent: float = 1.0
+    add_bias_linear: bool = False
     extra: dict = field(default_factory=dict, compare=False, hash=False)  # bos/eos ids etc.
 
     @property
@@ -66,9 +74,41 @@ class LlamaArch:
                 f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
                 f"({self.num_attention_heads}); give head_dim explicitly"
             )
-        if self.kv_channels % 2:
-            bad(f"head_dim ({self.kv_channels}) must be even for RoPE")
+        if self.normalization not in ("RMSNorm", "LayerNorm"):
+            bad(f"normalization must be RMSNorm or LayerNorm, got {self.normalization!r}")
+        if self.position_embedding_type not in ("rope", "learned_absolute"):
+            bad(
+                "position_embedding_type must be rope or learned_absolute, got "
+                f"{self.position_embedding_type!r}"
+            )
+        if not 0.0 < self.rotary_percent <= 1.0:
+            bad(f"rotary_percent must be in (0, 1], got {self.rotary_percent}")
+        if self.rope_scaling is not None and self.position_embedding_type != "rope":
+            bad("rope_scaling needs position_embedding_type rope")
+        if self.position_embedding_type == "rope":
+            if int(self.kv_channels * self.rotary_percent) % 2:
+                bad(
+                    f"head_dim ({self.kv_channels}) x rotary_percent ({self.rotary_percent}) "
+                    "must be even for RoPE"
+                )
         return self
+
+    _LLAMA_CHOICES = (
+        ("normalization", "RMSNorm"),
+        ("swiglu", True),
+        ("position_embedding_type", "rope"),
+        ("rotary_percent", 1.0),
+        ("add_bias_linear", False),
+    )
+
+    def megatron_only_fields(self) -> list[str]:
+        """Fields set to a value HF Llama cannot express (``"swiglu=False"``, ...): such a
+        model trains and checkpoints here, but has no HF conversion."""
+        return [
+            f"{name}={getattr(self, name)}"
+            for name, llama in self._LLAMA_CHOICES
+            if getattr(self, name) != llama
+        ]
 
     def replace(self, **changes: Any) -> LlamaArch:
         """A copy with some fields changed (``--num-layers`` etc. overrides on a preset)."""
@@ -97,10 +137,16 @@ class LlamaArch:
         vocab = padded_vocab or self.vocab_size
         h, f, d = self.hidden_size, self.ffn_hidden_size, self.kv_channels
         attn = h * self.num_attention_heads * d * 2 + h * self.num_query_groups * d * 2
-        mlp = 3 * h * f
-        per_layer = attn + mlp + 2 * h
+        mlp = (3 if self.swiglu else 2) * h * f
+        norm = h if self.normalization == "RMSNorm" else 2 * h  # LayerNorm has a bias
+        per_layer = attn + mlp + 2 * norm
+        if self.add_bias_linear:
+            q, kv = self.num_attention_heads * d, self.num_query_groups * d
+            per_layer += q + 2 * kv + h + (2 * f if self.swiglu else f) + h
         emb = vocab * h * (1 if self.tie_word_embeddings else 2)
-        return self.num_layers * per_layer + emb + h
+        if self.position_embedding_type == "learned_absolute":
+            emb += self.max_position_embeddings * h
+        return self.num_layers * per_layer + emb + norm
 
     # ---- HF config.json ------------------------------------------------------------------
 
@@ -130,17 +176,29 @@ class LlamaArch:
         }
         if self.rope_scaling is not None:
             cfg["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
+        # Non-Llama choices are written under our own key (a Llama config stays byte-identical);
+        # ``from_hf_config(..., megatron_only=True)`` reads them back from checkpoint metadata.
+        custom = {
+            n: getattr(self, n) for n, llama in self._LLAMA_CHOICES if getattr(self, n) != llama
+        }
+        if custom:
+            cfg[MEGATRON_ONLY_KEY] = custom
         cfg.update(self.extra)
         return cfg
 
 
+MEGATRON_ONLY_KEY = "megatron_cpt_architecture"
 _EXTRA_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype")
 
 
-def from_hf_config(config: dict | str | os.PathLike | Any) -> LlamaArch:
+def from_hf_config(
+    config: dict | str | os.PathLike | Any, megatron_only: bool = False
+) -> LlamaArch:
     """Build a ``LlamaArch`` from an HF Llama config (dict, ``config.json`` path or directory,
     or a ``PretrainedConfig``). Handles transformers 4 (``rope_theta``/``rope_scaling``) and 5
-    (``rope_parameters``) spellings."""
+    (``rope_parameters``) spellings. ``megatron_only=True`` (checkpoint metadata) also accepts
+    the non-Llama choices ``to_hf_config`` stores under ``MEGATRON_ONLY_KEY``; a user's HF
+    config carrying them is refused, since no HF model reads them."""
     source = "config"
     if isinstance(config, (str, os.PathLike)):
         path = Path(config)
@@ -189,6 +247,16 @@ def from_hf_config(config: dict | str | os.PathLike | Any) -> LlamaArch:
     heads = int(need("num_attention_heads"))
     hidden = int(need("hidden_size"))
     head_dim = config.get("head_dim")
+    custom = config.get(MEGATRON_ONLY_KEY) or {}
+    if custom and not megatron_only:
+        raise UserError(
+            f"{source}: field '{MEGATRON_ONLY_KEY}' ({', '.join(custom)}) describes a model "
+            "that is not a Llama; HF models cannot load it"
+        )
+    known = {name for name, _ in LlamaArch._LLAMA_CHOICES}
+    for key in custom:
+        if key not in known:
+            raise UserError(f"{source}: field '{MEGATRON_ONLY_KEY}.{key}' is unknown")
     return LlamaArch(
         num_layers=int(need("num_hidden_layers")),
         hidden_size=hidden,
@@ -203,6 +271,7 @@ def from_hf_config(config: dict | str | os.PathLike | Any) -> LlamaArch:
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         head_dim=None if head_dim in (None, hidden // heads) else int(head_dim),
         extra={k: config[k] for k in _EXTRA_KEYS if config.get(k) is not None},
+        **custom,
     ).validate()
 
 

@@ -2,7 +2,9 @@
 
 The mapping is the whole of "what makes a GPTModel a Llama": RMSNorm, SwiGLU (gated linear unit
 with SiLU), no biases, grouped-query attention, RoPE with the checkpoint's base (and Llama-3.1
-frequency scaling), and tied or untied output embeddings. The layer spec is Transformer Engine's
+frequency scaling), and tied or untied output embeddings. A flags-only Megatron-LM model may
+choose otherwise (LayerNorm, GeLU MLP, biases, learned absolute positions, partial RoPE); each
+``LlamaArch`` choice maps onto the megatron-core option of the same name. The layer spec is Transformer Engine's
 on a GPU when TE imports (fused kernels, FP8), megatron-core's local one otherwise; both produce
 the same parameter names for dist_checkpointing, so checkpoints move between them.
 """
@@ -37,7 +39,15 @@ class ModelBuildConfig:
     sequence_parallel: bool = False
     bf16: bool = False
     fp8_format: str | None = None  # "e4m3" | "hybrid", Transformer Engine only
-    recompute_activations: bool = False
+    recompute_activations: bool = False  # = recompute_granularity "selective"
+    recompute_granularity: str | None = None  # "full" | "selective"
+    recompute_method: str | None = None  # "uniform" | "block" (full only)
+    recompute_num_layers: int | None = None
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    fp8_recipe: str | None = None  # TE only, like fp8_format
+    fp8_amax_history_len: int | None = None
+    fp8_amax_compute_algo: str | None = None
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
     use_transformer_engine: bool | None = None  # None: when it imports (GPU only)
@@ -102,13 +112,13 @@ def build_transformer_config(arch: LlamaArch, build: ModelBuildConfig | None = N
         num_query_groups=arch.num_query_groups,
         kv_channels=arch.kv_channels,
         layernorm_epsilon=arch.norm_eps,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        normalization=arch.normalization,
+        gated_linear_unit=arch.swiglu,
+        activation_func=F.silu if arch.swiglu else F.gelu,
+        add_bias_linear=arch.add_bias_linear,
+        add_qkv_bias=arch.add_bias_linear,
+        hidden_dropout=build.hidden_dropout,
+        attention_dropout=build.attention_dropout,
         init_method_std=build.init_method_std,
         tensor_model_parallel_size=build.tensor_parallel,
         pipeline_model_parallel_size=build.pipeline_parallel,
@@ -121,21 +131,36 @@ def build_transformer_config(arch: LlamaArch, build: ModelBuildConfig | None = N
         apply_query_key_layer_scaling=False,
         variable_seq_lengths=False,
     )
-    if build.recompute_activations:
-        kwargs.update(recompute_granularity="selective")
+    granularity = build.recompute_granularity or (
+        "selective" if build.recompute_activations else None
+    )
+    if granularity:
+        kwargs.update(recompute_granularity=granularity)
+    if granularity == "full":
+        kwargs.update(
+            recompute_method=build.recompute_method or "uniform",
+            recompute_num_layers=build.recompute_num_layers or 1,
+        )
     if build.fp8_format:
         kwargs.update(fp8=build.fp8_format)
+        if build.fp8_recipe:
+            kwargs.update(fp8_recipe=build.fp8_recipe)
+        if build.fp8_amax_history_len:
+            kwargs.update(fp8_amax_history_len=build.fp8_amax_history_len)
+        if build.fp8_amax_compute_algo:
+            kwargs.update(fp8_amax_compute_algo=build.fp8_amax_compute_algo)
     kwargs.update(platform.model_config_overrides())
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(build: ModelBuildConfig):
+def layer_spec(build: ModelBuildConfig, arch: LlamaArch | None = None):
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te(build):
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    normalization = arch.normalization if arch is not None else "RMSNorm"
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization)
 
 
 def build_model(
@@ -189,20 +214,20 @@ def _gpt_model(arch, config, build, pre_process, post_process, vocab_size, max_s
 
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(build),
+        transformer_layer_spec=layer_spec(build, arch),
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length or arch.max_position_embeddings,
         pre_process=pre_process,
         post_process=post_process,
         parallel_output=True,
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
-        position_embedding_type="rope",
-        rotary_percent=1.0,
+        position_embedding_type=arch.position_embedding_type,
+        rotary_percent=arch.rotary_percent,
         rotary_base=arch.rope_theta,
     )
     if arch.rope_scaling is not None:
         rope = model.rotary_pos_emb
-        dim = arch.kv_channels
+        dim = int(arch.kv_channels * arch.rotary_percent)
         base = 1.0 / (
             arch.rope_theta
             ** (torch.arange(0, dim, 2, dtype=torch.float32, device=rope.inv_freq.device) / dim)

@@ -106,7 +106,7 @@ def read_metadata(path: str | os.PathLike, iteration: int | None = None) -> dict
         raise UserError(f"{meta_path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
     if "hf_config" not in meta:
         raise UserError(f"{meta_path}: missing field 'hf_config'")
-    meta["arch"] = from_hf_config(meta["hf_config"])
+    meta["arch"] = from_hf_config(meta["hf_config"], megatron_only=True)
     meta["path"] = str(ckpt)
     return meta
 

@@ -26,8 +26,13 @@ from megatron_cpt.errors import UserError
 @dataclass
 class DataSettings:
     data_path: list[str] = field(default_factory=list)  # [W1, P1, W2, P2, ...] or [P1, P2, ...]
+    train_data_path: list[str] = field(default_factory=list)  # instead of data_path, no split
     split: str = "969,30,1"
-    valid_data_path: list[str] = field(default_factory=list)  # ["NAME=PREFIX", ...]
+    # name -> (prefixes, weights or None); see parse_validation_sets
+    valid_sets: dict[str, tuple[list[str], list[float] | None]] = field(default_factory=dict)
+    valid_replaces_split: bool = False  # Megatron-LM's --valid-data-path form
+    test_data_path: list[str] = field(default_factory=list)
+    mock: bool = False  # megatron-core's MockGPTDataset
     data_cache_path: str | None = None
     seq_length: int = 2048
     seed: int = 1234
@@ -87,6 +92,30 @@ def parse_named(valid_data_path: list[str]) -> dict[str, str]:
     return named
 
 
+def parse_validation_sets(
+    items: list[str], multiple: bool = False
+) -> dict[str, tuple[list[str], list[float] | None]]:
+    """``--valid-data-path`` in either grammar. Ours, ``NAME=PREFIX ...``: one named set each
+    (so domain gain and general-knowledge loss show separately). Megatron-LM's, ``[W1] P1 [W2
+    P2 ...]``: one blended set named ``valid``, or with ``--multiple-validation-sets`` one set
+    per prefix, named by the prefix's file name."""
+    items = [str(x) for x in items or []]
+    if not items:
+        return {}
+    if any("=" in x for x in items):
+        return {name: ([prefix], None) for name, prefix in parse_named(items).items()}
+    prefixes, weights = parse_blend(items, "--valid-data-path")
+    if not multiple:
+        return {"valid": (prefixes, weights)}
+    sets: dict[str, tuple[list[str], list[float] | None]] = {}
+    for prefix in prefixes:
+        name = os.path.basename(prefix) or prefix
+        if name in sets:
+            raise UserError(f"--valid-data-path: two prefixes are named {name!r}")
+        sets[name] = ([prefix], None)
+    return sets
+
+
 def check_prefix(prefix: str, flag: str) -> None:
     """Both files must exist before any compute starts (megatron-core would assert later)."""
     for ext in (".bin", ".idx"):
@@ -132,58 +161,92 @@ class Datasets:
     train: object
     valid: dict[str, object]  # name -> dataset ("valid" is the --split part, if any)
     train_prefixes: list[str]
+    test: dict[str, object] = field(default_factory=dict)  # "test": --test-data-path
 
 
-def build_datasets(
-    settings: DataSettings, tokenizer, train_samples: int, valid_samples: int
-) -> Datasets:
-    """Train blend plus validation sets, each sized in samples (sequences of seq_length)."""
+def _always() -> bool:
+    return True
+
+
+def _eval_set(settings, tokenizer, flag, name, prefixes, weights, num_samples):
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )
     from megatron.core.datasets.gpt_dataset import GPTDataset
 
-    prefixes, weights = parse_blend(settings.data_path)
-    for p in prefixes:
-        check_prefix(p, "--data-path")
-    named = parse_named(settings.valid_data_path)
-    for p in named.values():
-        check_prefix(p, "--valid-data-path")
-    split = parse_split(settings.split)
-    if "valid" in named and split[1] > 0:
-        raise UserError("--valid-data-path: the name 'valid' is taken by the --split valid part")
+    cfg = _gpt_config(settings, tokenizer, blend_per_split=[None, (prefixes, weights), None])
+    _, ds, _ = BlendedMegatronDatasetBuilder(GPTDataset, [0, num_samples, 0], _always, cfg).build()
+    if ds is None or len(ds) == 0:
+        raise UserError(
+            f"{flag} {name}={' '.join(prefixes)}: too few tokens for one sequence of "
+            f"{settings.seq_length}"
+        )
+    return ds
 
-    def always():
-        return True
 
-    want_split_valid = split[1] > 0 and valid_samples > 0
-    config = _gpt_config(
-        settings,
-        tokenizer,
-        blend=(prefixes, weights),
-        split=",".join(str(x) for x in split),
+def build_datasets(
+    settings: DataSettings,
+    tokenizer,
+    train_samples: int,
+    valid_samples: int,
+    test_samples: int = 0,
+) -> Datasets:
+    """Train blend plus validation (and test) sets, each sized in samples of seq_length."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
     )
-    train, valid, _ = BlendedMegatronDatasetBuilder(
-        GPTDataset,
-        [train_samples, valid_samples if want_split_valid else 0, 0],
-        always,
-        config,
-    ).build()
+    from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
+
+    split = parse_split(settings.split)
+    if settings.valid_sets and not settings.valid_replaces_split:
+        if "valid" in settings.valid_sets and split[1] > 0:
+            raise UserError(
+                "--valid-data-path: the name 'valid' is taken by the --split valid part"
+            )
+    want_split_valid = split[1] > 0 and valid_samples > 0 and not settings.valid_replaces_split
+    sizes = [train_samples, valid_samples if want_split_valid else 0, 0]
+    if settings.mock:
+        prefixes = ["mock"]
+        config = _gpt_config(settings, tokenizer, split=",".join(str(x) for x in split))
+        train, valid, _ = BlendedMegatronDatasetBuilder(
+            MockGPTDataset, sizes, _always, config
+        ).build()
+    elif settings.train_data_path:
+        prefixes, weights = parse_blend(settings.train_data_path, "--train-data-path")
+        for p in prefixes:
+            check_prefix(p, "--train-data-path")
+        config = _gpt_config(settings, tokenizer, blend_per_split=[(prefixes, weights), None, None])
+        train, _, _ = BlendedMegatronDatasetBuilder(
+            GPTDataset, [train_samples, 0, 0], _always, config
+        ).build()
+        valid = None
+    else:
+        prefixes, weights = parse_blend(settings.data_path)
+        for p in prefixes:
+            check_prefix(p, "--data-path")
+        config = _gpt_config(
+            settings,
+            tokenizer,
+            blend=(prefixes, weights),
+            split=",".join(str(x) for x in split),
+        )
+        train, valid, _ = BlendedMegatronDatasetBuilder(GPTDataset, sizes, _always, config).build()
     valid_sets: dict[str, object] = {}
     if want_split_valid and valid is not None:
         valid_sets["valid"] = valid
-    for name, prefix in named.items():
-        cfg = _gpt_config(settings, tokenizer, blend_per_split=[None, ([prefix], None), None])
-        _, ds, _ = BlendedMegatronDatasetBuilder(
-            GPTDataset, [0, valid_samples, 0], always, cfg
-        ).build()
-        if ds is None or len(ds) == 0:
-            raise UserError(
-                f"--valid-data-path {name}={prefix}: too few tokens for one sequence of "
-                f"{settings.seq_length}"
-            )
-        valid_sets[name] = ds
-    return Datasets(train=train, valid=valid_sets, train_prefixes=prefixes)
+    for name, (pfx, w) in settings.valid_sets.items() if valid_samples > 0 else ():
+        for p in pfx:
+            check_prefix(p, "--valid-data-path")
+        valid_sets[name] = _eval_set(
+            settings, tokenizer, "--valid-data-path", name, pfx, w, valid_samples
+        )
+    test_sets: dict[str, object] = {}
+    if settings.test_data_path and test_samples > 0:
+        pfx, w = parse_blend(settings.test_data_path, "--test-data-path")
+        test_sets["test"] = _eval_set(
+            settings, tokenizer, "--test-data-path", "test", pfx, w, test_samples
+        )
+    return Datasets(train=train, valid=valid_sets, train_prefixes=prefixes, test=test_sets)
 
 
 def realized_blend(train_dataset, num_samples: int, prefixes: list[str]) -> dict[str, float]:
@@ -229,6 +292,39 @@ class MicroBatches:
         samples = [self.dataset[(start + i) % n] for i in range(self.mbs)]
         self.next_sample += self.mbs * self.dp_size
         return collate(samples)
+
+
+class _IndexBatches:
+    """The sample indices ``MicroBatches`` would read, one micro-batch per item (a DataLoader
+    batch sampler: workers then read and collate the samples ahead of the training step)."""
+
+    def __init__(self, source: MicroBatches):
+        self.s = source
+
+    def __iter__(self):
+        s = self.s
+        n = len(s.dataset)
+        while True:
+            if not s.wrap and s.next_sample + s.mbs * s.dp_size > n:
+                return
+            start = s.next_sample + s.dp_rank * s.mbs
+            yield [(start + i) % n for i in range(s.mbs)]
+            s.next_sample += s.mbs * s.dp_size
+
+
+def worker_batches(source: MicroBatches, num_workers: int):
+    """``source``'s micro-batches, identical and in the same order, read by ``num_workers``
+    DataLoader worker processes (``--num-workers``); ``num_workers=0`` returns ``source``."""
+    if num_workers <= 0:
+        return source
+    loader = torch.utils.data.DataLoader(
+        source.dataset,
+        batch_sampler=_IndexBatches(source),
+        num_workers=num_workers,
+        collate_fn=collate,
+        persistent_workers=True,
+    )
+    return iter(loader)
 
 
 def collate(samples: list[dict]) -> dict:

@@ -1,4 +1,4 @@
-"""Run logging: a console line, TensorBoard scalars and ``RUN_DIR/metrics.jsonl``.
+"""Run logging: a console line, TensorBoard / Weights & Biases scalars, ``RUN_DIR/metrics.jsonl``.
 
 ``metrics.jsonl`` is the machine-readable record other tools (the run report) read; one JSON
 object per line, appended and flushed as it happens so a killed run keeps what it logged::
@@ -8,6 +8,8 @@ object per line, appended and flushed as it happens so a killed run keeps what i
     {"kind": "valid", "iteration", "name", "lm_loss", "ppl"}
 
 Only rank 0 writes; every value it writes has already been reduced over all ranks.
+Weights & Biases (``--wandb-project``, the optional ``wandb`` package) gets the same scalars
+under Megatron-LM's names; ``WANDB_MODE=offline`` keeps the run on disk for ``wandb sync``.
 """
 
 from __future__ import annotations
@@ -49,13 +51,18 @@ class MetricsLogger:
         enabled: bool = True,
         train_iters: int | None = None,
         stream=None,
+        wandb=None,
+        wandb_config: dict | None = None,
     ):
+        """``wandb``: settings with ``wandb_project``, ``wandb_exp_name``, ``wandb_save_dir``
+        (a ``LoggingSettings``), or None for no W&B run."""
         self.enabled = enabled
         self.train_iters = train_iters
         self.stream = stream or sys.stdout
         self.run_dir = Path(run_dir)
         self._jsonl = None
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -64,6 +71,17 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(log_dir=tensorboard_dir)
+        if wandb is not None and wandb.wandb_project:
+            import wandb as wandb_lib
+
+            save_dir = Path(wandb.wandb_save_dir or self.run_dir / "wandb")
+            save_dir.mkdir(parents=True, exist_ok=True)
+            self._wandb = wandb_lib.init(
+                project=wandb.wandb_project,
+                name=wandb.wandb_exp_name,
+                dir=str(save_dir),
+                config=_jsonable(wandb_config or {}),
+            )
 
     def _write(self, obj: dict) -> None:
         # NaN/Inf are not JSON; a skipped iteration's loss is written as null.
@@ -115,6 +133,18 @@ class MetricsLogger:
             if rec.mfu is not None:
                 self._tb.add_scalar("mfu", rec.mfu, step)
             self._tb.flush()
+        if self._wandb is not None:
+            values = {
+                "lm loss": _finite_or_none(rec.lm_loss),
+                "learning-rate": rec.lr,
+                "grad-norm": _finite_or_none(rec.grad_norm),
+                "tokens-per-second": rec.tokens_per_s,
+                "skipped-iterations": rec.skipped_iters,
+                "consumed-samples": rec.consumed_samples,
+            }
+            if rec.mfu is not None:
+                values["mfu"] = rec.mfu
+            self._wandb.log({k: v for k, v in values.items() if v is not None}, step=rec.iteration)
 
     def valid(self, iteration: int, name: str, loss: float) -> None:
         if not self.enabled:
@@ -140,6 +170,11 @@ class MetricsLogger:
             if ppl is not None:
                 self._tb.add_scalar(f"{name} ppl", ppl, iteration)
             self._tb.flush()
+        if self._wandb is not None and math.isfinite(loss):
+            values = {f"{name} lm loss": loss}
+            if ppl is not None:
+                values[f"{name} ppl"] = ppl
+            self._wandb.log(values, step=iteration)
 
     def message(self, text: str) -> None:
         if self.enabled:
@@ -161,3 +196,11 @@ class MetricsLogger:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def _jsonable(obj):
+    """Flags for the W&B run config: plain JSON values only."""
+    return json.loads(json.dumps(obj, default=str))

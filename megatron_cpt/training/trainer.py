@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import signal
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -25,12 +26,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_cpt import platform
-from megatron_cpt.config import (
-    BatchSettings,
-    batch_settings,
-    checkpoint_settings,
-    logging_settings,
-)
+from megatron_cpt.config import BatchSettings, TrainConfig, resolve_config
 from megatron_cpt.errors import UserError
 from megatron_cpt.flops import training_flops_per_step
 from megatron_cpt.model import (
@@ -38,25 +34,17 @@ from megatron_cpt.model import (
     ModelBuildConfig,
     build_model_chunks,
     build_transformer_config,
-    get_arch,
     padded_vocab_size,
-    validate_parallelism,
 )
 from megatron_cpt.training import checkpointing
 from megatron_cpt.training.data import (
-    DataSettings,
     MicroBatches,
     build_datasets,
-    check_prefix,
-    parse_blend,
-    parse_named,
-    parse_split,
     realized_blend,
+    worker_batches,
 )
 from megatron_cpt.training.logging import MetricsLogger, TrainRecord
 from megatron_cpt.training.optimizer import (
-    OptimizerSettings,
-    ScheduleSettings,
     build_optimizer,
     build_scheduler,
     current_lr,
@@ -76,172 +64,9 @@ class StepResult:
     lr: float
 
 
-def _world_size_from_env() -> int:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size()
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def resolve_arch(args: argparse.Namespace) -> tuple[LlamaArch, str]:
-    """The architecture: ``--model``, else the checkpoint we start from, plus shape flags."""
-    source = args.model
-    if source is None:
-        for ckpt in (args.save, args.load, args.pretrained_checkpoint):
-            if ckpt and (
-                checkpointing.latest_iteration(ckpt) is not None
-                or (Path(ckpt) / checkpointing.METADATA_FILE).exists()
-            ):
-                return _apply_overrides(checkpointing.read_metadata(ckpt)["arch"], args), ckpt
-        raise UserError("--model: give a preset name or an HF config.json path")
-    return _apply_overrides(get_arch(source), args), source
-
-
-def _apply_overrides(arch: LlamaArch, args: argparse.Namespace) -> LlamaArch:
-    tie = None
-    if args.untie_embeddings_and_output_weights:
-        tie = False
-    head_dim = args.kv_channels
-    return arch.replace(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
-        head_dim=head_dim,
-        max_position_embeddings=args.max_position_embeddings,
-        rope_theta=args.rotary_base,
-        norm_eps=args.norm_epsilon,
-        vocab_size=args.vocab_size,
-        tie_word_embeddings=tie,
-    ).validate()
-
-
-def build_settings(args: argparse.Namespace) -> dict:
-    """Every config check that needs no process group, model or data: one line, before compute."""
-    world = _world_size_from_env()
-    if (
-        args.load
-        and not checkpointing.checkpoint_exists(args.load)
-        and not args.pretrained_checkpoint
-    ):
-        raise UserError(
-            f"--load {args.load}: no published checkpoint there (give --pretrained-checkpoint "
-            "for a CPT start, or drop --load to train from scratch)"
-        )
-    arch, arch_source = resolve_arch(args)
-    build = ModelBuildConfig(
-        tensor_parallel=args.tensor_model_parallel_size,
-        pipeline_parallel=args.pipeline_model_parallel_size,
-        context_parallel=args.context_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        bf16=args.bf16,
-        fp8_format=args.fp8_format,
-        recompute_activations=args.recompute_activations,
-        init_method_std=args.init_method_std,
-        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-    )
-    validate_parallelism(arch, build, world)
-    if args.bf16 and not platform.has_cuda():
-        raise UserError("--bf16 needs a GPU here (CPU runs train in fp32)")
-    dp = world // (build.tensor_parallel * build.pipeline_parallel * build.context_parallel)
-    batch = batch_settings(args, dp)
-    if args.seq_length > arch.max_position_embeddings:
-        raise UserError(
-            f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
-            f"({arch.max_position_embeddings})"
-        )
-    if not args.data_path:
-        raise UserError("--data-path: give the training shards (W1 PREFIX1 W2 PREFIX2 ...)")
-    prefixes, _ = parse_blend(args.data_path)
-    for p in prefixes:
-        check_prefix(p, "--data-path")
-    for p in parse_named(args.valid_data_path).values():
-        check_prefix(p, "--valid-data-path")
-    parse_split(args.split)
-    if not args.tokenizer_type or not args.tokenizer_model:
-        raise UserError("--tokenizer-type and --tokenizer-model are required (the data's EOD id)")
-    from megatron_cpt.tokenizers import build_tokenizer
-
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-    if tokenizer.vocab_size > arch.vocab_size:
-        raise UserError(
-            f"--tokenizer-model {args.tokenizer_model}: vocabulary of {tokenizer.vocab_size} "
-            f"tokens is larger than the model's vocab_size {arch.vocab_size}"
-        )
-    for flag, ckpt in (("--pretrained-checkpoint", args.pretrained_checkpoint),
-                       ("--load", args.load), ("--save", args.save)):  # fmt: skip
-        if not ckpt or (
-            flag != "--pretrained-checkpoint" and not checkpointing.checkpoint_exists(ckpt)
-        ):
-            continue
-        saved = checkpointing.read_metadata(ckpt)["arch"]
-        diff = arch.differences(saved)
-        if diff:
-            raise UserError(
-                f"{flag} {ckpt}: the checkpoint's architecture differs from the requested model "
-                f"({arch_source}): {'; '.join(diff[:3])}; drop --model to use the checkpoint's"
-            )
-    for name in ("log_interval", "eval_iters"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be >= 1")
-    if args.save_interval is not None and args.save_interval < 1:
-        raise UserError("--save-interval must be >= 1")
-    if args.save_interval and not args.save:
-        raise UserError("--save-interval needs --save DIR")
-    if args.keep_last is not None and args.keep_last < 1:
-        raise UserError("--keep-last must be >= 1")
-    warmup = args.lr_warmup_iters
-    if args.lr_warmup_fraction is not None:
-        warmup = int(args.lr_warmup_fraction * (args.lr_decay_iters or batch.train_iters))
-    optim = OptimizerSettings(
-        lr=args.lr,
-        min_lr=args.min_lr,
-        weight_decay=args.weight_decay,
-        adam_beta1=args.adam_beta1,
-        adam_beta2=args.adam_beta2,
-        adam_eps=args.adam_eps,
-        clip_grad=args.clip_grad,
-        bf16=args.bf16,
-        use_distributed_optimizer=args.use_distributed_optimizer,
-    )
-    if args.min_lr > args.lr:
-        raise UserError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
-    if args.use_distributed_optimizer and not platform.has_cuda():
-        raise UserError("--use-distributed-optimizer needs GPUs (it refuses CPU tensors)")
-    sched = ScheduleSettings(
-        train_iters=batch.train_iters,
-        lr_warmup_iters=warmup,
-        lr_warmup_init=args.lr_warmup_init,
-        lr_decay_iters=args.lr_decay_iters,
-        lr_decay_style=args.lr_decay_style,
-        lr_wsd_decay_iters=args.lr_wsd_decay_iters,
-        lr_wsd_decay_style=args.lr_wsd_decay_style,
-    )
-    sched.validate()
-    data = DataSettings(
-        data_path=list(args.data_path),
-        split=args.split,
-        valid_data_path=list(args.valid_data_path),
-        data_cache_path=args.data_cache_path,
-        seq_length=args.seq_length,
-        seed=args.seed,
-        eod_mask_loss=args.eod_mask_loss,
-        reset_position_ids=args.reset_position_ids,
-        reset_attention_mask=args.reset_attention_mask,
-        num_workers=args.num_workers,
-    )
-    return dict(
-        arch=arch,
-        arch_source=arch_source,
-        build=build,
-        batch=batch,
-        optim=optim,
-        sched=sched,
-        data=data,
-        tokenizer=tokenizer,
-        ckpt=checkpoint_settings(args),
-        log=logging_settings(args),
-    )
+def build_settings(args: argparse.Namespace) -> TrainConfig:
+    """The resolved, validated config (``megatron_cpt.config.resolve_config``)."""
+    return resolve_config(args)
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -270,11 +95,14 @@ def _forward_step(data_iterator, model):
 
 
 class Trainer:
-    def __init__(self, args: argparse.Namespace):
-        self.args = args
-        self.s = build_settings(args)  # every config error surfaces here, before compute
-        self.arch: LlamaArch = self.s["arch"]
-        self.batch: BatchSettings = self.s["batch"]
+    def __init__(self, cfg: TrainConfig | argparse.Namespace):
+        if isinstance(cfg, argparse.Namespace):
+            cfg = resolve_config(cfg)  # every config error surfaces here, before compute
+        self.cfg = cfg
+        self.arch: LlamaArch = cfg.arch
+        self.batch: BatchSettings = cfg.batch
+        self.stop_reason: str | None = None
+        self._signal_received = False
         self.iteration = 0
         self.consumed_samples = 0
         self.skipped_total = 0
@@ -286,12 +114,12 @@ class Trainer:
     def setup(self) -> Trainer:
         from megatron.core import parallel_state as ps
 
-        build: ModelBuildConfig = self.s["build"]
+        build: ModelBuildConfig = self.cfg.build
         platform.init_distributed()
         platform.initialize_model_parallel(
             build.tensor_parallel, build.pipeline_parallel, build.context_parallel
         )
-        platform.set_seed(self.args.seed)
+        platform.set_seed(self.cfg.run.seed)
         self.rank = dist.get_rank()
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = ps.get_data_parallel_world_size()
@@ -306,69 +134,119 @@ class Trainer:
             from megatron.core.transformer.module import Float16Module
 
             chunks = [Float16Module(self.config, c) for c in chunks]
-        self.model = wrap_ddp(chunks, self.config, self.s["optim"].use_distributed_optimizer)
-        self.optimizer = build_optimizer(self.model, self.s["optim"])
-        self.scheduler = build_scheduler(self.optimizer, self.s["optim"], self.s["sched"])
+        self.model = wrap_ddp(chunks, self.config, self.cfg.optim.use_distributed_optimizer)
+        self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.sched)
 
         from megatron.core.distributed import finalize_model_grads
 
         self.config.finalize_model_grads_func = finalize_model_grads
         self.config.grad_scale_func = self.optimizer.scale_loss
 
-        log = self.s["log"]
+        log = self.cfg.logging
         self.logger = MetricsLogger(
             log.run_dir,
             log.tensorboard_dir,
             enabled=(self.rank == 0),
             train_iters=self.batch.train_iters,
+            wandb=log if log.wandb_project else None,
+            wandb_config=self.cfg.run.record,
         )
+        for note in platform.startup_notes(build.bf16):
+            self.logger.message(note)
         self._load()
         valid_samples = log.eval_iters * self.batch.global_batch_size
         self.datasets = build_datasets(
-            self.s["data"],
-            self.s["tokenizer"],
+            self.cfg.data,
+            self.cfg.tokenizer,
             train_samples=self.batch.train_samples,
             valid_samples=valid_samples if log.eval_interval else 0,
+            test_samples=valid_samples if self.cfg.data.test_data_path else 0,
         )
-        self.train_iter = MicroBatches(
-            self.datasets.train,
-            self.consumed_samples,
-            self.batch.micro_batch_size,
-            self.dp_rank,
-            self.dp_size,
-            wrap=True,
+        self.train_iter = worker_batches(
+            MicroBatches(
+                self.datasets.train,
+                self.consumed_samples,
+                self.batch.micro_batch_size,
+                self.dp_rank,
+                self.dp_size,
+                wrap=True,
+            ),
+            self.cfg.data.num_workers,
         )
+        if self.cfg.run.exit_signal is not None:
+            signal.signal(self.cfg.run.exit_signal, self._on_exit_signal)
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self.fwd_bwd = get_forward_backward_func()
         return self
 
     def _load(self) -> None:
-        ck = self.s["ckpt"]
+        ck = self.cfg.checkpoint
         resume_dir = None
-        for candidate in (ck.save, ck.load):
+        # --finetune: --load holds the weights to start from, never a run to resume.
+        candidates = (ck.save,) if ck.finetune else (ck.save, ck.load)
+        for candidate in candidates:
+            if ck.finetune and candidate == ck.load:
+                continue
             if candidate and checkpointing.latest_iteration(candidate) is not None:
                 resume_dir = candidate
                 break
+        pretrained = ck.load if ck.finetune else ck.pretrained_checkpoint
         if resume_dir is not None:
             state = checkpointing.load_checkpoint(
-                resume_dir, self.model, self.optimizer, self.scheduler
+                resume_dir,
+                self.model,
+                None if ck.no_load_optim else self.optimizer,
+                None if ck.no_load_optim else self.scheduler,
+                load_rng=not ck.no_load_rng,
             )
+            if ck.no_load_optim and hasattr(self.optimizer, "reload_model_params"):
+                self.optimizer.reload_model_params()
             self.iteration = state["iteration"]
             self.consumed_samples = int(state.get("consumed_samples", 0))
             self.skipped_total = int(state.get("skipped_iters", 0))
             self.start_mode = f"resumed from {resume_dir} at iteration {self.iteration}"
+            if ck.no_load_optim:
+                self.start_mode += " (fresh optimizer: --no-load-optim)"
             # The schedule follows the current flags at the restored step count.
             self.scheduler.num_steps = int(state.get("scheduler_steps", self.iteration))
             self.scheduler.step(0)
-        elif ck.pretrained_checkpoint:
-            checkpointing.load_checkpoint(ck.pretrained_checkpoint, self.model, weights_only=True)
+        elif pretrained:
+            checkpointing.load_checkpoint(pretrained, self.model, weights_only=True)
             # Megatron's optimizer keeps fp32 master copies for bf16; refresh them from weights.
             if hasattr(self.optimizer, "reload_model_params"):
                 self.optimizer.reload_model_params()
-            self.start_mode = f"CPT start from {ck.pretrained_checkpoint} (weights only)"
+            how = "--finetune" if ck.finetune else "CPT start"
+            self.start_mode = f"{how} from {pretrained} (weights only)"
         if self.logger:
             self.logger.message(f"> {self.start_mode}")
+
+    def _on_exit_signal(self, signum, frame) -> None:
+        self._signal_received = True
+
+    def _should_exit(self, start: float) -> str | None:
+        """--exit-signal-handler / --exit-duration-in-mins, agreed on by every rank."""
+        run = self.cfg.run
+        if run.exit_signal is None and run.exit_duration_in_mins is None:
+            return None
+        flags = torch.tensor(
+            [
+                float(self._signal_received),
+                float(
+                    run.exit_duration_in_mins is not None
+                    and (time.time() - start) / 60.0 >= run.exit_duration_in_mins
+                ),
+            ]
+        )
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            flags = flags.to(platform.device())
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[0] > 0:
+            return f"signal {signal.Signals(run.exit_signal).name} received"
+        if flags[1] > 0:
+            return f"--exit-duration-in-mins {run.exit_duration_in_mins} reached"
+        return None
 
     # ---------------------------------------------------------------- steps
     def _reduce_loss(self, losses_reduced: list[dict]) -> float:
@@ -418,25 +296,25 @@ class Trainer:
         return StepResult(loss=loss, grad_norm=grad_norm, skipped=skipped, lr=lr)
 
     def _pause(self) -> None:
-        marker = Path(self.s["log"].run_dir) / f"paused_at_iteration_{self.iteration + 1}"
+        marker = Path(self.cfg.logging.run_dir) / f"paused_at_iteration_{self.iteration + 1}"
         if self.rank == 0:
             marker.write_text(str(os.getpid()))
         while True:  # wait for the test's SIGKILL
             time.sleep(1)
 
-    def evaluate(self) -> dict[str, float]:
+    def evaluate(self, sets: dict | None = None) -> dict[str, float]:
         """Loss on each named validation set (the same samples every time, so that evaluations
-        at different iterations are comparable)."""
+        at different iterations are comparable); ``sets`` defaults to the validation sets."""
         results = {}
         for chunk in self.model:
             chunk.eval()
-        for name, dataset in self.datasets.valid.items():
+        for name, dataset in (self.datasets.valid if sets is None else sets).items():
             it = MicroBatches(
                 dataset, 0, self.batch.micro_batch_size, self.dp_rank, self.dp_size, wrap=True
             )
             total = []
             with torch.no_grad():
-                for _ in range(self.s["log"].eval_iters):
+                for _ in range(self.cfg.logging.eval_iters):
                     total += self.fwd_bwd(
                         forward_step_func=_forward_step,
                         data_iterator=it,
@@ -463,7 +341,7 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> None:
-        ck = self.s["ckpt"]
+        ck = self.cfg.checkpoint
         checkpointing.save_checkpoint(
             ck.save,
             self.iteration,
@@ -474,13 +352,13 @@ class Trainer:
                 "consumed_samples": self.consumed_samples,
                 "skipped_iters": self.skipped_total,
                 "scheduler_steps": self.scheduler.num_steps,
-                "data_path": list(self.args.data_path),
+                "data_path": list(self.cfg.data.data_path or self.cfg.data.train_data_path),
                 "seq_length": self.batch.seq_length,
                 "global_batch_size": self.batch.global_batch_size,
             },
             arch=self.arch,
             keep_last=ck.keep_last,
-            args={k: v for k, v in vars(self.args).items()},
+            args=self.cfg.run.record,
             padded_vocab_size=self.padded_vocab,
         )
         self.logger.message(f"> saved checkpoint at iteration {self.iteration} to {ck.save}")
@@ -496,8 +374,8 @@ class Trainer:
     def train(self) -> dict:
         from megatron.core import parallel_state as ps
 
-        log = self.s["log"]
-        ck = self.s["ckpt"]
+        log = self.cfg.logging
+        ck = self.cfg.checkpoint
         start = time.time()
         if log.eval_interval and self.iteration == 0 and self.datasets.valid:
             for name, loss in self.evaluate().items():
@@ -506,7 +384,7 @@ class Trainer:
         interval_start = time.perf_counter()
         interval_iters = 0
         peak = platform.peak_flops_per_device(
-            torch.bfloat16 if self.s["build"].bf16 else torch.float32
+            torch.bfloat16 if self.cfg.build.bf16 else torch.float32
         )
         last: StepResult | None = None
         while self.iteration < self.batch.train_iters:
@@ -565,8 +443,15 @@ class Trainer:
                 self.save()
             if evaluated or (ck.save and ck.save_interval):
                 interval_start = time.perf_counter()  # keep eval/save out of tokens/s
+            self.stop_reason = self._should_exit(start)
+            if self.stop_reason:
+                self.logger.message(f"> stopping at iteration {self.iteration}: {self.stop_reason}")
+                break
         if log.eval_interval and self.datasets.valid and self.iteration % log.eval_interval:
             for name, loss in self.evaluate().items():
+                self.logger.valid(self.iteration, name, loss)
+        if self.datasets.test and not self.stop_reason:
+            for name, loss in self.evaluate(self.datasets.test).items():
                 self.logger.valid(self.iteration, name, loss)
         if ck.save and checkpointing.latest_iteration(ck.save) != self.iteration:
             self.save()
@@ -587,6 +472,7 @@ class Trainer:
                 self.datasets.train, self.consumed_samples, self.datasets.train_prefixes
             ),
             "elapsed_s": round(time.time() - start, 3),
+            "stopped_early": self.stop_reason,
         }
         self.logger.write_json("run_summary.json", summary)
         return summary
@@ -596,8 +482,8 @@ class Trainer:
             self.logger.close()
 
 
-def pretrain(args: argparse.Namespace) -> dict:
-    trainer = Trainer(args)
+def pretrain(cfg: TrainConfig | argparse.Namespace) -> dict:
+    trainer = Trainer(cfg)
     try:
         trainer.setup()
         return trainer.train()

@@ -148,6 +148,22 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--lr-warmup-init", type=float, default=0.0)
     g.add_argument("--lr-decay-iters", type=int, default=None)
     g.add_argument(
+        "--lr-warmup-samples",
+        type=int,
+        default=None,
+        help="Megatron-LM's sample-based warmup: ceil(samples / global batch) iterations",
+    )
+    g.add_argument("--lr-decay-samples", type=int, default=None, help="as --lr-warmup-samples")
+    g.add_argument(
+        "--decoupled-lr",
+        type=float,
+        default=None,
+        help="refused: a separate LR for embedding/output layers is not implemented",
+    )
+    g.add_argument(
+        "--decoupled-min-lr", type=float, default=None, help="refused, as --decoupled-lr"
+    )
+    g.add_argument(
         "--lr-decay-style",
         default="cosine",
         choices=["cosine", "linear", "constant", "WSD", "inverse-square-root"],
@@ -171,6 +187,13 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--fp8-amax-history-len", type=int, default=None)
     g.add_argument("--fp8-amax-compute-algo", default=None, choices=["max", "most_recent"])
+    g.add_argument("--fp8-param-gather", action="store_true", help="refused (TE FP8 weights)")
+    g.add_argument(
+        "--manual-gc",
+        action="store_true",
+        help="Python's GC off during training, collected at evaluations and checkpoints",
+    )
+    g.add_argument("--empty-unused-memory-level", type=int, default=0, help="no-op")
     g.add_argument("--recompute-activations", action="store_true", help="= selective")
     g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
     g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
@@ -235,6 +258,14 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--num-workers", type=int, default=0, help="DataLoader worker processes for training"
     )
+    g.add_argument(
+        "--no-mmap-bin-files",
+        dest="mmap_bin_files",
+        action="store_false",
+        help="read .bin shards with file reads instead of mmap",
+    )
+    g.add_argument("--no-create-attention-mask-in-dataloader", action="store_true", help="no-op")
+    g.add_argument("--tiktoken-pattern", default=None, choices=["v1", "v2"], help="no-op")
 
 
 def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
@@ -257,6 +288,9 @@ def _add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--no-load-optim", action="store_true", help="resume without optimizer/LR state")
     g.add_argument("--no-load-rng", action="store_true", help="resume without RNG state")
+    g.add_argument(
+        "--ckpt-format", default="torch_dist", choices=["torch_dist"], help="the only format"
+    )
 
 
 def _add_logging_args(parser: argparse.ArgumentParser) -> None:
@@ -265,6 +299,11 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--log-throughput", action="store_true", help="no-op (always logged)")
+    g.add_argument("--profile", action="store_true", help="refused (no profiler hook)")
+    g.add_argument("--profile-step-start", type=int, default=None, help="refused with --profile")
+    g.add_argument("--profile-step-end", type=int, default=None, help="refused with --profile")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=30)
     g.add_argument("--wandb-project", default=None, help="needs the 'wandb' extra")
     g.add_argument("--wandb-exp-name", default=None)
     g.add_argument("--wandb-save-dir", default=None, help="default: RUN_DIR/wandb")
@@ -372,6 +411,8 @@ class RunSettings:
     seed: int = 1234
     exit_duration_in_mins: float | None = None
     exit_signal: int | None = None  # signal.SIGTERM with --exit-signal-handler
+    manual_gc: bool = False
+    distributed_timeout_minutes: int = 30
     record: dict = field(default_factory=dict)  # the flags as given, saved with checkpoints
 
 
@@ -456,6 +497,30 @@ def _check_flags(args: argparse.Namespace) -> None:
         value = getattr(args, flag)
         if value is not None and not 0.0 <= value < 1.0:
             raise UserError(f"--{flag.replace('_', '-')} must be in [0, 1), got {value}")
+    for flag in ("decoupled_lr", "decoupled_min_lr"):
+        if getattr(args, flag) is not None:
+            raise UserError(
+                f"--{flag.replace('_', '-')}: a separate learning rate for the embedding and "
+                "output layers is not implemented; drop the flag"
+            )
+    if args.profile or args.profile_step_start is not None or args.profile_step_end is not None:
+        raise UserError(
+            "--profile: no profiler hook in this trainer; drop --profile/--profile-step-*"
+        )
+    if args.distributed_timeout_minutes < 1:
+        raise UserError(
+            f"--distributed-timeout-minutes must be >= 1, got {args.distributed_timeout_minutes}"
+        )
+    for flag in ("lr_warmup_samples", "lr_decay_samples"):
+        value = getattr(args, flag)
+        if value is not None and value < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
+    if args.lr_warmup_samples is not None and (
+        args.lr_warmup_iters or args.lr_warmup_fraction is not None
+    ):
+        raise UserError("give one of --lr-warmup-samples, --lr-warmup-iters, --lr-warmup-fraction")
+    if args.lr_decay_samples is not None and args.lr_decay_iters is not None:
+        raise UserError("give either --lr-decay-samples or --lr-decay-iters, not both")
     if args.apply_layernorm_1p:
         raise UserError(
             "--apply-layernorm-1p: zero-centred norm weights are not supported (megatron-core's "
@@ -470,6 +535,8 @@ def _check_flags(args: argparse.Namespace) -> None:
     for flag in ("fp8_recipe", "fp8_amax_history_len", "fp8_amax_compute_algo"):
         if getattr(args, flag) is not None and not args.fp8_format:
             raise UserError(f"--{flag.replace('_', '-')} needs --fp8-format (FP8 training)")
+    if args.fp8_param_gather and not args.fp8_format:
+        raise UserError("--fp8-param-gather needs --fp8-format (FP8 training)")
     if args.fp8_format and (not te or args.transformer_impl == "local"):
         raise UserError("--fp8-format needs Transformer Engine (a GPU with TE installed)")
     if args.recompute_granularity != "full":
@@ -563,7 +630,8 @@ def _apply_overrides(arch: LlamaArch, args: argparse.Namespace) -> LlamaArch:
         if args.use_rope_scaling
         else None,
         norm_eps=args.norm_epsilon,
-        vocab_size=args.vocab_size,
+        # With a NullTokenizer, --vocab-size sizes the tokenizer (Megatron-LM), not the model.
+        vocab_size=None if args.tokenizer_type == "NullTokenizer" else args.vocab_size,
         tie_word_embeddings=tie,
         normalization=args.normalization,
         position_embedding_type=args.position_embedding_type,
@@ -724,9 +792,15 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         raise UserError("--save-interval needs --save DIR")
     if args.keep_last is not None and args.keep_last < 1:
         raise UserError("--keep-last must be >= 1")
+    gbs = batch.global_batch_size
+    decay_iters = args.lr_decay_iters
+    if args.lr_decay_samples is not None:  # Megatron-LM's sample-based schedule, constant gbs
+        decay_iters = -(-args.lr_decay_samples // gbs)
     warmup = args.lr_warmup_iters
+    if args.lr_warmup_samples is not None:
+        warmup = -(-args.lr_warmup_samples // gbs)
     if args.lr_warmup_fraction is not None:
-        warmup = int(args.lr_warmup_fraction * (args.lr_decay_iters or batch.train_iters))
+        warmup = int(args.lr_warmup_fraction * (decay_iters or batch.train_iters))
     optim = OptimizerSettings(
         lr=args.lr,
         min_lr=args.min_lr,
@@ -746,7 +820,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         train_iters=batch.train_iters,
         lr_warmup_iters=warmup,
         lr_warmup_init=args.lr_warmup_init,
-        lr_decay_iters=args.lr_decay_iters,
+        lr_decay_iters=decay_iters,
         lr_decay_style=args.lr_decay_style,
         lr_wsd_decay_iters=args.lr_wsd_decay_iters,
         lr_wsd_decay_style=args.lr_wsd_decay_style,
@@ -767,6 +841,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         reset_position_ids=args.reset_position_ids,
         reset_attention_mask=args.reset_attention_mask,
         num_workers=args.num_workers,
+        mmap_bin_files=args.mmap_bin_files,
     )
     return TrainConfig(
         arch=arch,
@@ -803,6 +878,8 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
             seed=args.seed,
             exit_duration_in_mins=args.exit_duration_in_mins,
             exit_signal=signal.SIGTERM if args.exit_signal_handler else None,
+            manual_gc=args.manual_gc,
+            distributed_timeout_minutes=args.distributed_timeout_minutes,
             record=_record(args),
         ),
     )

@@ -40,6 +40,7 @@ class DataSettings:
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     num_workers: int = 0
+    mmap_bin_files: bool = True
 
 
 def parse_blend(data_path: list[str], flag: str = "--data-path") -> tuple[list[str], list[float]]:
@@ -151,7 +152,7 @@ def _gpt_config(settings: DataSettings, tokenizer, **kwargs):
         eod_mask_loss=settings.eod_mask_loss,
         create_attention_mask=settings.reset_attention_mask,  # causal mask is implicit otherwise
         path_to_cache=settings.data_cache_path,
-        mmap_bin_files=True,
+        mmap_bin_files=settings.mmap_bin_files,
         **kwargs,
     )
 

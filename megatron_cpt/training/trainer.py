@@ -14,6 +14,7 @@ optimizer step on the next global batch, so a benchmark can time N of them
 from __future__ import annotations
 
 import argparse
+import gc
 import math
 import os
 import signal
@@ -115,7 +116,7 @@ class Trainer:
         from megatron.core import parallel_state as ps
 
         build: ModelBuildConfig = self.cfg.build
-        platform.init_distributed()
+        platform.init_distributed(self.cfg.run.distributed_timeout_minutes)
         platform.initialize_model_parallel(
             build.tensor_parallel, build.pipeline_parallel, build.context_parallel
         )
@@ -387,6 +388,9 @@ class Trainer:
             torch.bfloat16 if self.cfg.build.bf16 else torch.float32
         )
         last: StepResult | None = None
+        if self.cfg.run.manual_gc:  # Megatron-LM's --manual-gc: no GC pauses inside steps
+            gc.disable()
+            gc.collect()
         while self.iteration < self.batch.train_iters:
             last = self.train_step()
             interval_iters += 1
@@ -441,6 +445,8 @@ class Trainer:
                 evaluated = True
             if ck.save and ck.save_interval and self.iteration % ck.save_interval == 0:
                 self.save()
+            if self.cfg.run.manual_gc and (evaluated or (ck.save and ck.save_interval)):
+                gc.collect()
             if evaluated or (ck.save and ck.save_interval):
                 interval_start = time.perf_counter()  # keep eval/save out of tokens/s
             self.stop_reason = self._should_exit(start)
@@ -475,6 +481,8 @@ class Trainer:
             "stopped_early": self.stop_reason,
         }
         self.logger.write_json("run_summary.json", summary)
+        if self.cfg.run.manual_gc:
+            gc.enable()
         return summary
 
     def close(self) -> None:

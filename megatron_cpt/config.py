@@ -687,10 +687,14 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
     _check_flags(args)
     world = _world_size()
+    # --load DIR --save DIR (the same directory) is Megatron-LM's auto-resume idiom: a first
+    # run finds nothing there and starts from scratch. A --load elsewhere must hold a checkpoint.
+    same_as_save = args.save and Path(args.load or "").resolve() == Path(args.save).resolve()
     if (
         args.load
         and not checkpointing.checkpoint_exists(args.load)
         and not args.pretrained_checkpoint
+        and not (same_as_save and not args.finetune)
     ):
         raise UserError(
             f"--load {args.load}: no published checkpoint there (give --pretrained-checkpoint "

@@ -587,3 +587,105 @@ def test_megatron_lm_llama3_script_runs_on_cpu(tmp_path):
     # The script gives no --normalization: Megatron-LM (and we) build LayerNorm, not RMSNorm.
     assert arch.megatron_only_fields() == ["normalization=LayerNorm"] and arch.vocab_size == 1001
     assert (arch.rope_theta, arch.kv_channels, arch.tie_word_embeddings) == (1e6, 16, False)
+
+
+# ------------------------------------------------------------------------------------------
+# Loading, run control, split data paths, W&B (in-process: one rank, gloo)
+# ------------------------------------------------------------------------------------------
+
+
+def _trainer(tmp_path: Path, *flags: str):
+    from megatron_cpt.training.trainer import Trainer
+
+    return Trainer(_resolve("--run-dir", str(tmp_path / "log"), "--log-interval", "1", *flags))
+
+
+def _weights(trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.model[0].module.named_parameters()}
+
+
+def test_finetune_no_load_optim_and_exit_duration(tmp_path, mp):
+    first = _trainer(tmp_path, "--save", str(tmp_path / "a")).setup()
+    first.train()
+    trained = _weights(first)
+    first.close()
+
+    # --finetune: the weights of --load, iteration 0, a fresh optimizer.
+    ft = _trainer(tmp_path, "--finetune", "--load", str(tmp_path / "a")).setup()
+    assert ft.iteration == 0 and ft.start_mode.startswith("--finetune from")
+    assert all(torch.equal(trained[k], v) for k, v in _weights(ft).items())
+    assert not ft.optimizer.state_dict()["state"]
+    ft.close()
+
+    # --no-load-optim: resumed position, weights loaded, optimizer state not loaded.
+    nlo = _trainer(tmp_path, "--load", str(tmp_path / "a"), "--no-load-optim",
+                   "--train-iters", "4").setup()  # fmt: skip
+    assert nlo.iteration == 2 and "--no-load-optim" in nlo.start_mode
+    assert all(torch.equal(trained[k], v) for k, v in _weights(nlo).items())
+    assert not nlo.optimizer.state_dict()["state"]
+    nlo.close()
+    full = _trainer(tmp_path, "--load", str(tmp_path / "a"), "--train-iters", "4").setup()
+    assert full.optimizer.state_dict()["state"]  # the control: a plain resume loads it
+    full.close()
+
+    # --exit-duration-in-mins: stops after the first iteration past the limit, and saves.
+    ex = _trainer(tmp_path, "--save", str(tmp_path / "b"), "--train-iters", "50",
+                  "--exit-duration-in-mins", "1e-9").setup()  # fmt: skip
+    summary = ex.train()
+    ex.close()
+    assert summary["iteration"] == 1 and summary["stopped_early"].startswith(
+        "--exit-duration-in-mins"
+    )
+    from megatron_cpt.training.checkpointing import latest_iteration
+
+    assert latest_iteration(tmp_path / "b") == 1
+
+
+def test_megatron_lm_data_path_forms(sec_shard, tmp_path):
+    """--valid-data-path in Megatron-LM's weighted form (one blended set, or one per prefix
+    with --multiple-validation-sets), --train-data-path and --test-data-path."""
+    from megatron_cpt.training.data import build_datasets, parse_validation_sets
+
+    prefix, tokenizer = sec_shard
+    assert parse_validation_sets(["sec=/a", "wiki=/b"]) == {
+        "sec": (["/a"], None),
+        "wiki": (["/b"], None),
+    }
+    assert parse_validation_sets(["0.3", "/x/a", "0.7", "/y/b"]) == {
+        "valid": (["/x/a", "/y/b"], [0.3, 0.7])
+    }
+    assert parse_validation_sets(["/x/a", "/y/b"], multiple=True) == {
+        "a": (["/x/a"], None),
+        "b": (["/y/b"], None),
+    }
+    with pytest.raises(UserError, match="expected NAME=PREFIX"):
+        parse_validation_sets(["sec=/a", "/b"])
+    tok = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer]
+    cfg = resolve_config(parse_args([*SHAPE, *tok, "--train-data-path", "1.0", prefix,
+                                     "--valid-data-path", prefix, "--test-data-path", prefix,
+                                     "--split", "50,50,0"]))  # fmt: skip
+    assert cfg.data.valid_replaces_split and cfg.data.train_data_path == ["1.0", prefix]
+    ds = build_datasets(cfg.data, cfg.tokenizer, 8, 4, test_samples=4)
+    assert list(ds.valid) == ["valid"] and list(ds.test) == ["test"]
+    assert len(ds.train) >= 8 and len(ds.valid["valid"]) >= 4
+    # The whole shard feeds training (no --split carve-out) with --train-data-path.
+    first = ds.train[0]["tokens"]
+    assert first.shape == (32,)
+    with pytest.raises(UserError, match=r"^--train-data-path: .*nope\.bin does not exist"):
+        resolve_config(parse_args([*SHAPE, *tok, "--train-data-path", str(tmp_path / "nope")]))
+
+
+def test_wandb_offline_run(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    from megatron_cpt.config import LoggingSettings
+    from megatron_cpt.training.logging import MetricsLogger, TrainRecord
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    settings = LoggingSettings(wandb_project="cpt", wandb_exp_name="flags", run_dir=str(tmp_path))
+    log = MetricsLogger(tmp_path, wandb=settings, wandb_config={"lr": 1e-3})
+    log.train(TrainRecord(1, 4, 5.0, 1e-3, 1.0, 100.0, 0, 0.1))
+    log.valid(1, "sec", 4.5)
+    log.close()
+    runs = list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))

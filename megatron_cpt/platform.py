@@ -539,6 +539,18 @@ def apply_cpu_patches() -> None:
         initialize_rng_tracker.__cpu_patched__ = True
         mp_random.initialize_rng_tracker = initialize_rng_tracker
 
+    # Full activation recompute (``--recompute-granularity full``): megatron-core's
+    # ``CheckpointFunction`` saves and restores "the CUDA RNG state" around the replayed forward
+    # so dropout masks repeat; on CPU that state is the CPU generator's.
+    def _get_rng_state(device=-1, clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def _set_rng_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mp_random._get_cuda_rng_state = _get_rng_state
+    mp_random._set_cuda_rng_state = _set_rng_state
+
 
 def model_config_overrides() -> dict:
     """TransformerConfig fields that differ between CUDA and CPU runs.

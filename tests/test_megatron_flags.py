@@ -192,6 +192,23 @@ def test_recompute_flags_reach_transformer_config():
     assert tc.recompute_granularity == "selective"
 
 
+def test_recompute_trains_bit_identically_with_dropout(tmp_path, mp):
+    """Full recompute replays each layer's forward with the saved RNG states, so dropout masks
+    (0.1, the flags-only default) repeat and two steps equal the run without recompute."""
+    from megatron_cpt.training.trainer import Trainer
+
+    losses = {}
+    for name, extra in (("none", []),
+                        ("full", ["--recompute-granularity", "full", "--recompute-method",
+                                  "uniform", "--recompute-num-layers", "1"]),
+                        ("selective", ["--recompute-granularity", "selective"])):  # fmt: skip
+        t = Trainer(_resolve(*extra, "--run-dir", str(tmp_path / name))).setup()
+        losses[name] = [t.train_step().loss for _ in range(2)]
+        t.close()
+    assert losses["full"] == losses["none"] == losses["selective"]
+    assert losses["none"][1] != losses["none"][0]
+
+
 # ------------------------------------------------------------------------------------------
 # Refusals and config checks: one line naming the flag, before compute
 # ------------------------------------------------------------------------------------------

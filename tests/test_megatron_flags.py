@@ -706,3 +706,14 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     log.close()
     runs = list((tmp_path / "wandb" / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def test_startup_notes(monkeypatch):
+    """One line for the missing TE/Apex; on a GPU without --bf16, one fp32 warning line."""
+    notes = platform.startup_notes(bf16=False)
+    assert len(notes) == 1 and "without Transformer Engine and Apex" in notes[0]
+    monkeypatch.setattr(platform, "has_cuda", lambda: True)
+    monkeypatch.setattr(platform, "have_transformer_engine", lambda: False)
+    fp32 = platform.startup_notes(bf16=False)
+    assert len(fp32) == 2 and fp32[1].startswith("warning: training in fp32 on a GPU (TF32")
+    assert len(platform.startup_notes(bf16=True)) == 1

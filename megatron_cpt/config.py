@@ -667,8 +667,27 @@ def _build_tokenizer(args: argparse.Namespace) -> Tokenizer:
     return build_tokenizer(args.tokenizer_type, args.tokenizer_model)
 
 
-def _record(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items()}
+def _record(args: argparse.Namespace, build: ModelBuildConfig) -> dict:
+    """The flags as given, plus the values resolved from defaults that a resume must keep."""
+    record = {k: v for k, v in vars(args).items()}
+    record["resolved"] = {
+        "attention_dropout": build.attention_dropout,
+        "hidden_dropout": build.hidden_dropout,
+    }
+    return record
+
+
+def _saved_dropout(args: argparse.Namespace, arch_source: str) -> dict:
+    """The dropout a run resumed from ``--save``/``--load`` was using (a flags-only run's 0.1
+    stays 0.1 when its restart omits the shape flags and takes the checkpoint's architecture)."""
+    from megatron_cpt.training import checkpointing
+
+    if arch_source not in (args.save, args.load) or not checkpointing.checkpoint_exists(
+        arch_source
+    ):
+        return {}
+    saved = checkpointing.read_metadata(arch_source).get("args") or {}
+    return saved.get("resolved") or {}
 
 
 def resolve_config(args: argparse.Namespace) -> TrainConfig:
@@ -705,6 +724,9 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     if flags_only:
         # Validate the shape now; the vocabulary (from the tokenizer) is filled in below.
         arch = _arch_from_flags(args, vocab_size=args.vocab_size or 1)
+    # Megatron-LM's 0.1 for a flags-only model; 0.0 for CPT of a preset/HF model (Llama);
+    # a resumed run keeps what it used.
+    saved = {} if flags_only else _saved_dropout(args, arch_source)
     default_dropout = 0.1 if flags_only else 0.0
     use_te = {None: None, "local": False, "transformer_engine": True}[args.transformer_impl]
     build = ModelBuildConfig(
@@ -722,9 +744,15 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         recompute_method=args.recompute_method,
         recompute_num_layers=args.recompute_num_layers,
         attention_dropout=(
-            args.attention_dropout if args.attention_dropout is not None else default_dropout
+            args.attention_dropout
+            if args.attention_dropout is not None
+            else saved.get("attention_dropout", default_dropout)
         ),
-        hidden_dropout=args.hidden_dropout if args.hidden_dropout is not None else default_dropout,
+        hidden_dropout=(
+            args.hidden_dropout
+            if args.hidden_dropout is not None
+            else saved.get("hidden_dropout", default_dropout)
+        ),
         init_method_std=args.init_method_std,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         use_transformer_engine=use_te,
@@ -884,7 +912,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
             exit_signal=signal.SIGTERM if args.exit_signal_handler else None,
             manual_gc=args.manual_gc,
             distributed_timeout_minutes=args.distributed_timeout_minutes,
-            record=_record(args),
+            record=_record(args, build),
         ),
     )
 

@@ -638,6 +638,9 @@ def test_finetune_no_load_optim_and_exit_duration(tmp_path, mp):
     nlo = _trainer(tmp_path, "--load", str(tmp_path / "a"), "--no-load-optim",
                    "--train-iters", "4").setup()  # fmt: skip
     assert nlo.iteration == 2 and "--no-load-optim" in nlo.start_mode
+    # The architecture now comes from the checkpoint; the flags-only run's dropout is kept.
+    assert nlo.cfg.arch_source == str(tmp_path / "a")
+    assert nlo.cfg.build.attention_dropout == 0.1 and nlo.cfg.build.hidden_dropout == 0.1
     assert all(torch.equal(trained[k], v) for k, v in _weights(nlo).items())
     assert not nlo.optimizer.state_dict()["state"]
     nlo.close()

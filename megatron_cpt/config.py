@@ -347,6 +347,13 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of flag names to values")
     known = {a.dest: a for a in parser._actions}
+    # A negative flag (``no-mmap-bin-files: true``) is spelled by its option, not its dest.
+    negated = {
+        o.lstrip("-").replace("-", "_"): a
+        for a in parser._actions
+        if isinstance(a, argparse._StoreFalseAction)
+        for o in a.option_strings
+    }
     lines = {}
     for i, raw in enumerate(text.splitlines(), 1):
         key = raw.split(":", 1)[0].strip()
@@ -355,6 +362,11 @@ def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]
     out = {}
     for key, value in data.items():
         dest = str(key).lstrip("-").replace("-", "_")
+        if dest in negated:
+            if not isinstance(value, bool):
+                raise UserError(f"{path}:{lines.get(key, '?')}: key '{key}' expects true/false")
+            out[negated[dest].dest] = not value
+            continue
         if dest not in known or dest in ("help", "config"):
             raise UserError(f"{path}:{lines.get(key, '?')}: unknown key '{key}'")
         action = known[dest]

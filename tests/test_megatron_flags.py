@@ -295,7 +295,7 @@ def test_yaml_and_flags_precedence(tmp_path):
         "num-layers: 2\nhidden_size: 64\nnum-attention-heads: 4\nswiglu: true\n"
         "normalization: RMSNorm\nposition-embedding-type: rope\nattention-dropout: 0.0\n"
         "seq-length: 32\ntrain-iters: 2\nmock-data: true\ntokenizer-type: NullTokenizer\n"
-        "vocab-size: 500\n"
+        "vocab-size: 500\nno-mmap-bin-files: true\n"
     )
     cfg = resolve_config(parse_args(["--config", str(yaml_file), "--normalization", "LayerNorm",
                                      "--hidden-dropout", "0.2"]))  # fmt: skip
@@ -304,6 +304,7 @@ def test_yaml_and_flags_precedence(tmp_path):
     assert a.normalization == "LayerNorm"  # the flag wins
     assert cfg.build.attention_dropout == 0.0 and cfg.build.hidden_dropout == 0.2
     assert a.vocab_size == 501 and a.max_position_embeddings == 32  # defaults to --seq-length
+    assert cfg.data.mmap_bin_files is False
     yaml_file.write_text("normalization: BatchNorm\n")
     with pytest.raises(UserError, match=r"run\.yaml:1: key 'normalization' must be one of"):
         parse_args(["--config", str(yaml_file)])

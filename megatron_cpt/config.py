@@ -203,7 +203,8 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
         "--exit-duration-in-mins",
         type=float,
         default=None,
-        help="save (with --save) and stop cleanly once the run has lasted this long",
+        help="save (with --save) and exit 0 after the iteration at which this process's "
+        "training loop has run this long",
     )
     g.add_argument(
         "--exit-signal-handler",

@@ -34,6 +34,7 @@ from megatron_cpt import platform
 from megatron_cpt.errors import UserError
 from megatron_cpt.model.arch import LlamaArch, from_hf_config
 from megatron_cpt.training.pickle_safety import check_checkpoint_pickles
+from megatron_cpt.training.writer_processes import owned_writer_processes
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 METADATA_FILE = "megatron_cpt.json"
@@ -221,12 +222,13 @@ def save_checkpoint(
 
     start = time.time()
     platform.apply_cpu_patches()
-    dist_checkpointing.save(
-        sharded,
-        str(partial),
-        sharded_strategy=sharded_strategy,
-        content_metadata=dict(_SHARDING_METADATA),
-    )
+    with owned_writer_processes():  # nothing megatron-core starts may outlive this process
+        dist_checkpointing.save(
+            sharded,
+            str(partial),
+            sharded_strategy=sharded_strategy,
+            content_metadata=dict(_SHARDING_METADATA),
+        )
     _barrier()
     if os.environ.get(PAUSE_IN_SAVE_ENV) == str(iteration):
         _pause_for_kill(save_dir / f"paused_in_save_{iteration}")

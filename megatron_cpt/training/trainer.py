@@ -351,8 +351,11 @@ class Trainer:
                 resume_dir = candidate
                 break
         if resume_dir is not None:
+            iteration, note = checkpointing.resumable_iteration(resume_dir)
+            if note and self.logger:
+                self.logger.message(f"> warning: {note}")
             state = checkpointing.load_checkpoint(
-                resume_dir, self.model, self.optimizer, self.scheduler
+                resume_dir, self.model, self.optimizer, self.scheduler, iteration=iteration
             )
             self.iteration = state["iteration"]
             self.consumed_samples = int(state.get("consumed_samples", 0))

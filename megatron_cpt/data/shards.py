@@ -89,7 +89,7 @@ class InspectConfig:
     sample_chars: int = 300  # characters shown per decoded document
 
 
-def _max_token_id(index: ShardIndex) -> int:
+def max_token_id(index: ShardIndex) -> int:
     if index.bin_bytes == 0:
         return -1
     data = np.memmap(bin_path(index.prefix), dtype=index.dtype, mode="r")
@@ -124,7 +124,7 @@ def inspect_shard(
     }
     if tokenizer is None:
         return summary
-    max_id = _max_token_id(index)
+    max_id = max_token_id(index)
     if max_id >= tokenizer.vocab_size:
         raise UserError(
             f"{bin_path(index.prefix)}: token id {max_id} >= vocab size {tokenizer.vocab_size} of "

@@ -60,7 +60,7 @@ def latest_iteration(save_dir: str | os.PathLike) -> int | None:
     tracker = Path(save_dir) / TRACKER_FILE
     try:
         text = tracker.read_text().strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a path under a file is checked elsewhere
         return None
     if text == "release":  # Megatron-LM's marker for converted checkpoints
         return 0

@@ -54,6 +54,7 @@ from megatron_cpt.training.data import (
     realized_blend,
 )
 from megatron_cpt.training.logging import MetricsLogger, TrainRecord
+from megatron_cpt.training.preflight import preflight
 from megatron_cpt.training.optimizer import (
     OptimizerSettings,
     ScheduleSettings,
@@ -273,6 +274,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace):
         self.args = args
         self.s = build_settings(args)  # every config error surfaces here, before compute
+        preflight(self.s)  # outputs writable, shard token ids within the vocabulary
         self.arch: LlamaArch = self.s["arch"]
         self.batch: BatchSettings = self.s["batch"]
         self.iteration = 0
@@ -423,6 +425,7 @@ class Trainer:
     def _pause(self) -> None:
         marker = Path(self.s["log"].run_dir) / f"paused_at_iteration_{self.iteration + 1}"
         if self.rank == 0:
+            marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(str(os.getpid()))
         while True:  # wait for the test's SIGKILL
             time.sleep(1)

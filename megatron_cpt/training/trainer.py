@@ -54,7 +54,6 @@ from megatron_cpt.training.data import (
     realized_blend,
 )
 from megatron_cpt.training.logging import MetricsLogger, TrainRecord
-from megatron_cpt.training.preflight import preflight
 from megatron_cpt.training.optimizer import (
     OptimizerSettings,
     ScheduleSettings,
@@ -63,6 +62,7 @@ from megatron_cpt.training.optimizer import (
     current_lr,
     wrap_ddp,
 )
+from megatron_cpt.training.preflight import preflight
 
 # Test hook (exact-resume test): pause inside this iteration, after forward/backward and before
 # the optimizer step, so that a SIGKILL lands mid-iteration deterministically.

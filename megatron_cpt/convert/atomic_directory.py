@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from megatron_cpt.errors import UserError
+from megatron_cpt.temp_dirs import remove_stale_temporaries, temp_prefix
 
 
 class AtomicDirectory:
@@ -26,9 +27,8 @@ class AtomicDirectory:
         self.path: Path | None = None
 
     def __enter__(self) -> Path:
-        self.path = Path(
-            tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent)
-        )
+        remove_stale_temporaries(self.target)  # left by a killed earlier run to this --out
+        self.path = Path(tempfile.mkdtemp(prefix=temp_prefix(self.target), dir=self.target.parent))
         return self.path
 
     def __exit__(self, exc_type, exc, tb):

@@ -13,6 +13,7 @@ import tempfile
 from pathlib import Path
 
 from megatron_cpt.errors import UserError
+from megatron_cpt.output_paths import check_output_dir
 from megatron_cpt.temp_dirs import remove_stale_temporaries, temp_prefix
 
 
@@ -20,7 +21,7 @@ class AtomicDirectory:
     """A temp directory beside ``target`` that replaces it on success and vanishes on failure."""
 
     def __init__(self, target: str | os.PathLike, overwrite: bool = False):
-        self.target = Path(target)
+        self.target = check_output_dir(target, "--out")  # before minutes of reading weights
         if self.target.exists() and not overwrite and any(self.target.iterdir()):
             raise UserError(f"--out {self.target}: exists and is not empty (pass --overwrite)")
         self.target.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ from megatron_cpt.data.indexed import (
     write_index,
 )
 from megatron_cpt.errors import UserError
+from megatron_cpt.output_paths import check_output_prefix
 from megatron_cpt.tokenizers import Tokenizer
 
 
@@ -44,6 +45,7 @@ def merge_shards(prefixes: list[str | Path], output_prefix: str | Path) -> dict:
         raise UserError("merge: give at least one input prefix")
     prefixes = [strip_suffix(p) for p in prefixes]
     output_prefix = strip_suffix(output_prefix)
+    check_output_prefix(output_prefix, "--output-prefix")
     out_resolved = Path(output_prefix).resolve()
     if any(Path(p).resolve() == out_resolved for p in prefixes):
         raise UserError(f"merge: --output-prefix {output_prefix} is also an input")

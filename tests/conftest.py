@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import time
 
+import psutil
 import pytest
 
 from megatron_cpt import assets
@@ -34,3 +37,59 @@ def llama3_tokenizer_model():
         return assets.llama3_tokenizer_model()
     except FileNotFoundError as exc:
         pytest.skip(str(exc))
+
+
+# ---------------------------------------------------------------------------------------------
+# No test may leave a process behind (issue 15): a worker, a checkpoint writer or a
+# multiprocessing Manager that outlives its test would pile up on a CI machine.
+
+_LINGER_SECONDS = 15.0  # a child that is already exiting (e.g. after kill) gets this long
+
+
+def _live_children() -> dict[int, psutil.Process]:
+    out = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.status() != psutil.STATUS_ZOMBIE:
+                out[proc.pid] = proc
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def _describe(proc: psutil.Process) -> str:
+    try:
+        return f"pid {proc.pid}: {' '.join(proc.cmdline())[:200]}"
+    except psutil.Error:
+        return f"pid {proc.pid}"
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes():
+    """Fail the test that leaves a child process running (and kill it, so it stops there)."""
+    before = set(_live_children())
+    yield
+    deadline = time.monotonic() + _LINGER_SECONDS
+    while True:
+        left = {pid: p for pid, p in _live_children().items() if pid not in before}
+        if not left or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    if left:
+        described = "; ".join(_describe(p) for p in left.values())
+        for proc in left.values():
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        pytest.fail(f"test left {len(left)} process(es) running: {described}", pytrace=False)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The whole suite, too, must end with no child of pytest alive."""
+    left = _live_children()
+    if left:
+        described = "; ".join(_describe(p) for p in left.values())
+        print(f"\nerror: the test suite left {len(left)} process(es) running: {described}")
+        for proc in left.values():
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

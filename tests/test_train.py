@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from faults import descendants, wait_gone
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = str(REPO / "tools" / "pretrain.py")
@@ -256,8 +257,10 @@ def test_save_killed_midway_keeps_previous_checkpoint(shards, run_a, tmp_path):
         text=True,
     )
     _wait_for(ckpt / "paused_in_save_6", proc)
+    children = descendants(proc.pid)  # issue 15: megatron-core's Manager used to outlive it
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    assert wait_gone(children) == [], "a checkpoint process outlived the SIGKILLed trainer"
     from megatron_cpt.training.checkpointing import latest_iteration
 
     assert latest_iteration(ckpt) == 4

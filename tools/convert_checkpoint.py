@@ -47,6 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _shard_bytes(gb: float) -> int:
+    from megatron_cpt.errors import UserError
+
+    if not gb > 0 or gb == float("inf"):  # also NaN
+        raise UserError(f"--max-shard-size-gb {gb}: must be a positive number")
+    return max(1, int(gb * 1024**3))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
                 out_dir=args.out,
                 tokenizer_from=args.tokenizer_from,
                 dtype=args.dtype,
-                max_shard_bytes=int(args.max_shard_size_gb * 1024**3),
+                max_shard_bytes=_shard_bytes(args.max_shard_size_gb),
                 overwrite=args.overwrite,
             )
         )

@@ -26,6 +26,7 @@ from megatron_cpt.evaluation.run import (
     summary_lines,
 )
 from megatron_cpt.evaluation.tasks_runner import TasksConfig
+from megatron_cpt.output_paths import check_output_file
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -91,6 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.output:  # before minutes of evaluation, not after
+        check_output_file(args.output, "--output")
     limit = args.limit
     if limit is not None and limit >= 1:
         limit = int(limit)

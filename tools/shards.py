@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "merge":
         result = merge_shards(args.prefixes, args.output_prefix)
     else:
+        if args.sample < 0:
+            raise UserError(f"--sample {args.sample}: must be 0 or more")
         if (args.tokenizer_type is None) != (args.tokenizer_model is None):
             raise UserError("inspect: give both --tokenizer-type and --tokenizer-model, or neither")
         tokenizer = None

@@ -13,22 +13,23 @@ import tempfile
 from pathlib import Path
 
 from megatron_cpt.errors import UserError
+from megatron_cpt.output_paths import check_output_dir
+from megatron_cpt.temp_dirs import remove_stale_temporaries, temp_prefix
 
 
 class AtomicDirectory:
     """A temp directory beside ``target`` that replaces it on success and vanishes on failure."""
 
     def __init__(self, target: str | os.PathLike, overwrite: bool = False):
-        self.target = Path(target)
+        self.target = check_output_dir(target, "--out")  # before minutes of reading weights
         if self.target.exists() and not overwrite and any(self.target.iterdir()):
             raise UserError(f"--out {self.target}: exists and is not empty (pass --overwrite)")
         self.target.parent.mkdir(parents=True, exist_ok=True)
         self.path: Path | None = None
 
     def __enter__(self) -> Path:
-        self.path = Path(
-            tempfile.mkdtemp(prefix=f".{self.target.name}.tmp-", dir=self.target.parent)
-        )
+        remove_stale_temporaries(self.target)  # left by a killed earlier run to this --out
+        self.path = Path(tempfile.mkdtemp(prefix=temp_prefix(self.target), dir=self.target.parent))
         return self.path
 
     def __exit__(self, exc_type, exc, tb):

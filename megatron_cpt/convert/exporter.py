@@ -43,6 +43,8 @@ class ExportConfig:
 
 
 def export_hf(cfg: ExportConfig) -> Path:
+    if cfg.max_shard_bytes < 1:
+        raise UserError("--max-shard-size-gb: must be greater than 0")
     output = AtomicDirectory(cfg.out_dir, overwrite=cfg.overwrite)  # refuses a non-empty --out now
     load = Path(cfg.load_dir)
     meta = read_metadata(load)

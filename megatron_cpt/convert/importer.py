@@ -55,6 +55,10 @@ class ImportConfig:
 
 def import_hf(cfg: ImportConfig) -> Path:
     """Convert; returns the output directory. Raises UserError for anything the user can fix."""
+    if cfg.make_vocab_size_divisible_by < 1:
+        raise UserError(
+            f"--make-vocab-size-divisible-by {cfg.make_vocab_size_divisible_by}: must be at least 1"
+        )
     output = AtomicDirectory(cfg.out_dir, overwrite=cfg.overwrite)  # refuses a non-empty --out now
     with open_hf_checkpoint(cfg.hf_path) as ckpt:
         arch = from_hf_config(ckpt.config)

@@ -49,10 +49,10 @@ class GlobalTensorReader:
     """Reads global tensors of one iteration directory, a group at a time."""
 
     def __init__(self, iter_dir: Path):
-        from megatron_cpt.training.pickle_safety import check_checkpoint_pickles
+        from megatron_cpt.training.checkpoint_integrity import verify_checkpoint
 
         self.iter_dir = Path(iter_dir)
-        self._meta = check_checkpoint_pickles(self.iter_dir).state_dict_metadata
+        self._meta = verify_checkpoint(self.iter_dir).state_dict_metadata
 
     def global_shape(self, key: str) -> tuple[int, ...]:
         if key not in self._meta:

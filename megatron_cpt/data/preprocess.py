@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing as mp
 import os
+import queue
 import signal
 import sys
 import time
@@ -45,6 +46,7 @@ from megatron_cpt.data.jsonl import (
 )
 from megatron_cpt.data.sentences import SentenceSplitter, SentenceSplitterConfig
 from megatron_cpt.errors import BadInputError, UserError
+from megatron_cpt.lifetime import die_with_parent, parent_alive
 from megatron_cpt.tokenizers import Tokenizer, build_tokenizer
 
 
@@ -219,14 +221,39 @@ def iter_chunks(paths: Iterable[Path], chunk_bytes: int) -> Iterator[Chunk]:
             yield Chunk(str(path), number, tail)
 
 
-def _worker_main(encoder: ChunkEncoder, tasks, results) -> None:
-    """A worker: encode chunks from its own task queue, send results down its own pipe."""
+def _worker_main(encoder: ChunkEncoder, tasks, results, parent_pid: int) -> None:
+    """A worker: encode chunks from its own task queue, send results down its own pipe.
+
+    A parent killed with SIGKILL cannot stop its workers, and a worker blocked writing a result
+    nobody reads would wait forever: the kernel kills it when the parent dies (Linux), and
+    elsewhere the worker checks for its parent whenever its queue stays empty for a second.
+    """
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    while (chunk := tasks.get()) is not None:
+    while True:
+        try:
+            chunk = tasks.get(timeout=1.0)
+        except queue.Empty:
+            if not parent_alive(parent_pid):
+                os._exit(1)
+            continue
+        if chunk is None:
+            break
         results.send(encoder(chunk))
     results.close()
+
+
+def _death_message(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            how = f"killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            how = f"killed by signal {-exitcode}"
+    else:
+        how = f"exit code {exitcode}"
+    return f"a tokenizer worker died ({how}); nothing was written"
 
 
 @contextlib.contextmanager
@@ -268,7 +295,9 @@ def map_ordered(
             for _ in range(workers):
                 tasks = ctx.Queue()
                 receive, send = ctx.Pipe(duplex=False)
-                proc = ctx.Process(target=_worker_main, args=(encoder, tasks, send), daemon=True)
+                proc = ctx.Process(
+                    target=_worker_main, args=(encoder, tasks, send, os.getpid()), daemon=True
+                )
                 proc.start()
                 send.close()  # the worker holds the only write end: its death reads as EOF here
                 procs.append(proc)
@@ -290,8 +319,9 @@ def map_ordered(
             try:
                 result = result_pipes[received % workers].recv()
             except EOFError:
-                code = procs[received % workers].exitcode
-                raise RuntimeError(f"a tokenizer worker died (exit code {code})") from None
+                dead = procs[received % workers]
+                dead.join(timeout=5)
+                raise UserError(_death_message(dead.exitcode)) from None
             received += 1
             yield result
         for tasks in task_queues:
@@ -374,6 +404,10 @@ def _train_splitter(config: PreprocessConfig, paths: list[Path]) -> SentenceSpli
     return SentenceSplitter.train(sample, config.sentences)
 
 
+def _describe_skipped(skipped: Counter) -> str:
+    return ", ".join(f"{count} {reason}" for reason, count in sorted(skipped.items()))
+
+
 def run_preprocess(
     config: PreprocessConfig,
     tokenizer: Tokenizer | None = None,
@@ -383,6 +417,8 @@ def run_preprocess(
     """Tokenize ``config.inputs`` into one shard per JSON key; returns the summary dict."""
     if config.workers < 1:
         raise UserError(f"--workers {config.workers}: must be at least 1")
+    if config.chunk_bytes < 1:
+        raise UserError(f"--chunk-bytes {config.chunk_bytes}: must be at least 1")
     if not config.json_keys:
         raise UserError("--json-keys: give at least one key")
     if len(set(config.json_keys)) != len(config.json_keys):
@@ -432,6 +468,13 @@ def run_preprocess(
             progress.update(documents, tokens, nbytes)
             if on_chunk is not None:
                 on_chunk(documents)
+        if writers[0].documents == 0:
+            # A 0-document pair looks valid but breaks training much later; refuse it here.
+            detail = f" ({_describe_skipped(skipped)} skipped)" if skipped else ""
+            raise UserError(
+                f"{', '.join(str(p) for p in paths)}: no non-empty documents{detail}; "
+                "nothing was written"
+            )
         for writer in writers:
             writer.finalize()
     seconds = time.perf_counter() - start

@@ -26,6 +26,7 @@ from megatron_cpt.data.indexed import (
     write_index,
 )
 from megatron_cpt.errors import UserError
+from megatron_cpt.output_paths import check_output_prefix
 from megatron_cpt.tokenizers import Tokenizer
 
 
@@ -44,6 +45,7 @@ def merge_shards(prefixes: list[str | Path], output_prefix: str | Path) -> dict:
         raise UserError("merge: give at least one input prefix")
     prefixes = [strip_suffix(p) for p in prefixes]
     output_prefix = strip_suffix(output_prefix)
+    check_output_prefix(output_prefix, "--output-prefix")
     out_resolved = Path(output_prefix).resolve()
     if any(Path(p).resolve() == out_resolved for p in prefixes):
         raise UserError(f"merge: --output-prefix {output_prefix} is also an input")
@@ -89,7 +91,7 @@ class InspectConfig:
     sample_chars: int = 300  # characters shown per decoded document
 
 
-def _max_token_id(index: ShardIndex) -> int:
+def max_token_id(index: ShardIndex) -> int:
     if index.bin_bytes == 0:
         return -1
     data = np.memmap(bin_path(index.prefix), dtype=index.dtype, mode="r")
@@ -124,7 +126,7 @@ def inspect_shard(
     }
     if tokenizer is None:
         return summary
-    max_id = _max_token_id(index)
+    max_id = max_token_id(index)
     if max_id >= tokenizer.vocab_size:
         raise UserError(
             f"{bin_path(index.prefix)}: token id {max_id} >= vocab size {tokenizer.vocab_size} of "

@@ -10,10 +10,16 @@ from __future__ import annotations
 import sys
 
 import megatron_cpt.evaluation.lm_eval_adapter  # noqa: F401  (registers "megatron-cpt")
+from megatron_cpt.cli import run
 from megatron_cpt.evaluation.tasks_runner import TASKS_DIR
 
 
 def main() -> None:
+    """lm-eval's CLI; our refusals (unsafe or broken checkpoints, bad flags) are one line."""
+    run(lambda _argv: _main())
+
+
+def _main() -> None:
     from lm_eval.__main__ import cli_evaluate
 
     argv = sys.argv[1:]

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from megatron_cpt.errors import BadInputError, UserError
 from megatron_cpt.evaluation.results import load_results
+from megatron_cpt.output_paths import check_output_dir
 
 DEFAULT_GENERAL = [
     "*general*",
@@ -441,6 +442,9 @@ def _run_summary(run: RunMetrics, cfg: ReportConfig) -> list[str]:
 def build_report(cfg: ReportConfig) -> Path:
     if not cfg.runs and not cfg.evals:
         raise UserError("nothing to report: give RUN_DIR(s) and/or --eval LABEL=results.json")
+    if not 0 <= cfg.smooth < 1:
+        raise UserError(f"--smooth {cfg.smooth}: must be in [0, 1) (0 = no smoothing)")
+    check_output_dir(cfg.out_dir, "--out")
     runs = [load_run(spec) for spec in cfg.runs]
     models: list[tuple[str, dict]] = []
     for spec in cfg.evals:

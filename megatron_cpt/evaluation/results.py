@@ -29,8 +29,12 @@ def write_json_atomic(path: str | Path, obj) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates 0600; a results file is shared like any other output (0644 by umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(obj, fh, indent=2, sort_keys=False)
+            json.dump(obj, fh, indent=2, sort_keys=False, allow_nan=False)  # NaN is not JSON
             fh.write("\n")
         os.replace(tmp, path)
     except BaseException:

@@ -7,6 +7,7 @@ diff a join on names instead of a search through lm-eval's output folders.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -73,7 +74,24 @@ def run_evaluation(cfg: EvaluateConfig, backend: Backend | None = None) -> dict:
 
         lm = MegatronCPTLM(backend=backend, batch_size=cfg.perplexity.batch_size)
         result["tasks"] = run_tasks(lm, cfg.tasks, manager)
+    check_finite(result)
     return result
+
+
+def check_finite(result: dict) -> None:
+    """A NaN/inf score means a broken model (NaN weights, overflow): an error, not a result.
+
+    Writing ``NaN`` into the JSON would let a broken merge or checkpoint pass unnoticed into the
+    report; the user needs to hear that the model itself is broken.
+    """
+    for section in ("perplexity", "tasks"):
+        for name, row in result.get(section, {}).items():
+            for key, value in row.items():
+                if isinstance(value, float) and not math.isfinite(value):
+                    raise UserError(
+                        f"{result.get('model')}: {key} on {name!r} is {value}; the model produces "
+                        "non-finite outputs (NaN/inf weights?); no results written"
+                    )
 
 
 def is_main_process() -> bool:

@@ -9,6 +9,7 @@ Per-tensor values (filters such as ``{filter: mlp, value: 0.5}`` and layer gradi
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,6 +150,8 @@ def _check_setting(name: str, setting: Setting, where: str) -> None:
             raise UserError(f"{where}.{name}: expected true, false or l1, got {setting!r}")
     elif isinstance(setting, bool) or not isinstance(setting, int | float):
         raise UserError(f"{where}.{name}: expected a number, got {setting!r}")
+    elif not math.isfinite(setting):  # YAML's .nan/.inf would make every merged value NaN
+        raise UserError(f"{where}.{name}: must be a finite number, got {setting}")
     elif name in {"density", "t"} and not 0 <= setting <= 1:
         raise UserError(f"{where}.{name}: must be within [0, 1], got {setting}")
 

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,12 +32,14 @@ from megatron_cpt.merge.megatron_io import (
     is_megatron_checkpoint,
     tokenizer_dir,
 )
+from megatron_cpt.merge.tokenizer_source import check_tokenizer_source
 from megatron_cpt.safetensors_io import (
     TOKENIZER_FILES,
     SafetensorsCheckpoint,
     StreamingSafetensorsWriter,
     TensorInfo,
 )
+from megatron_cpt.temp_dirs import remove_stale_temporaries, temp_prefix
 
 # Config fields that must agree for tensors with the same name to mean the same thing.
 ARCHITECTURE_FIELDS = (
@@ -236,11 +239,14 @@ class TensorMerger:
 
         if method == "linear":
             order = [m.path for m in cfg.models]
-            result = methods.linear(
-                [tensors[p] for p in order],
-                [float(self._param("weight", p, name, t)) for p in order],
-                normalize=bool(self._param("normalize", None, name, t, default=True)),
-            )
+            weights = [float(self._param("weight", p, name, t)) for p in order]
+            normalize = bool(self._param("normalize", None, name, t, default=True))
+            if normalize and sum(weights) == 0:
+                raise UserError(
+                    f"{cfg.source}: linear weights for {name} sum to 0; normalizing by that "
+                    "sum would make every value NaN (give non-zero weights or normalize: false)"
+                )
+            result = methods.linear([tensors[p] for p in order], weights, normalize=normalize)
         elif method == "slerp":
             base = cfg.base_model
             other = next(p for p in paths if p != base)
@@ -267,6 +273,8 @@ class TensorMerger:
                 rescale=self._param("rescale", None, name, t, default=spec.default_rescale),
                 generator=generator,
             )
+        if not bool(torch.isfinite(result).all()):  # never write a NaN model with exit 0
+            raise UserError(f"merged tensor {name} has NaN/inf values; nothing was written")
         return result.to(self.out_dtype(dtypes))
 
 
@@ -282,10 +290,9 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> Path:
         if not overwrite:
             raise UserError(f"{out_dir}: already exists and is not empty (use --overwrite)")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
+    remove_stale_temporaries(out_dir)  # left by a killed earlier merge to this out_dir
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out_dir), dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the merged model private
     return tmp
 
 
@@ -318,6 +325,21 @@ def _write_metadata(config: MergeConfig, base: Checkpoint, tmp: Path, out_dtype,
     (tmp / "merge_config.yml").write_text(raw_yaml)
 
 
+def _check_tokenizer(config: MergeConfig, base: Checkpoint) -> None:
+    base_dir = _tokenizer_dir(base)
+    explicit = config.tokenizer_source is not None and config.tokenizer_source != base.path
+    source = tokenizer_dir(config.tokenizer_source) if explicit else base_dir
+    if source is None:
+        return
+    rows = (base.config or {}).get("vocab_size")
+    check_tokenizer_source(
+        source,
+        explicit=explicit,
+        vocab_rows=rows if isinstance(rows, int) else None,
+        base_dir=base_dir if explicit else None,
+    )
+
+
 def open_checkpoint(path: Path) -> Checkpoint:
     """A Megatron checkpoint (save root or ``iter_*`` directory) or an HF safetensors directory."""
     if is_megatron_checkpoint(path):
@@ -343,6 +365,7 @@ def merge_checkpoints(
     check_compatible(config, checkpoints)
     base_path = config.inputs[0]
     base = checkpoints[base_path]
+    _check_tokenizer(config, base)
     merger = TensorMerger(config, _num_layers(base), options.random_seed)
 
     plan = []

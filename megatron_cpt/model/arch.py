@@ -191,6 +191,23 @@ MEGATRON_ONLY_KEY = "megatron_cpt_architecture"
 _EXTRA_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype")
 
 
+def refuse_sliding_window(config: dict, source: str) -> None:
+    """Sliding-window attention (Mistral) is not built: refuse instead of dropping the window.
+
+    Dropping it would silently turn every layer into full attention, a different model past
+    ``sliding_window`` tokens. A window at least as long as every position has no effect.
+    """
+    window = config.get("sliding_window")
+    if window is None or config.get("use_sliding_window") is False:
+        return
+    if int(window) >= int(config.get("max_position_embeddings") or 0) > 0:
+        return
+    raise UserError(
+        f"{source}: field 'sliding_window' is {window} (model_type "
+        f"{config.get('model_type', 'llama')!r}); sliding-window attention is not supported"
+    )
+
+
 def from_hf_config(
     config: dict | str | os.PathLike | Any, megatron_only: bool = False
 ) -> LlamaArch:
@@ -222,6 +239,7 @@ def from_hf_config(
     model_type = config.get("model_type", "llama")
     if model_type not in ("llama", "mistral"):
         raise UserError(f"{source}: field 'model_type' is {model_type!r}; only Llama is supported")
+    refuse_sliding_window(config, source)
     if config.get("attention_bias") or config.get("mlp_bias"):
         raise UserError(f"{source}: biased Llama variants (attention_bias/mlp_bias) unsupported")
     if config.get("hidden_act", "silu") != "silu":

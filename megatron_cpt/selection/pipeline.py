@@ -33,6 +33,7 @@ from megatron_cpt.data.jsonl import (
     parse_line,
 )
 from megatron_cpt.errors import UserError
+from megatron_cpt.output_paths import check_output_dir, check_output_file
 from megatron_cpt.selection.cache import ScoreCache
 from megatron_cpt.selection.dedup import DedupConfig, NearDuplicateFilter
 from megatron_cpt.selection.perplexity import PerplexityConfig, PerplexityScorer
@@ -284,8 +285,12 @@ def run_selection(config: SelectionConfig, scorers: dict | None = None) -> dict:
             raise UserError(f"output {p} would overwrite an input file")
     if config.sampling not in ("hard", "soft"):
         raise UserError(f"--sampling must be 'hard' or 'soft', got {config.sampling!r}")
-    scorers = scorers if scorers is not None else build_scorers(config)
     root = Path(config.cache_dir) if config.cache_dir else assets.cache_dir() / "selection_scores"
+    for flag, p in (("--output", out_path), ("--scores-output", scores_path),
+                    ("--summary-output", summary_path)):  # fmt: skip
+        check_output_file(p, flag)  # before hours of scoring
+    check_output_dir(root, "--cache-dir")
+    scorers = scorers if scorers is not None else build_scorers(config)
 
     corpus = index_corpus(config, paths)
     if not len(corpus):

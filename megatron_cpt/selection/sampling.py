@@ -41,8 +41,9 @@ class Budget:
             raise UserError(f"budget kind must be one of {BUDGET_KINDS}, got {self.kind!r}")
         if self.kind == "fraction" and not 0.0 < self.value <= 1.0:
             raise UserError(f"--fraction must be in (0, 1], got {self.value}")
-        if self.kind != "fraction" and (self.value < 0 or self.value != int(self.value)):
-            raise UserError(f"--{self.kind} must be a non-negative integer, got {self.value}")
+        if self.kind != "fraction" and (self.value < 1 or self.value != int(self.value)):
+            # 0 would write an empty selection with exit 0
+            raise UserError(f"--{self.kind} must be a positive integer, got {self.value}")
 
     def describe(self) -> str:
         return f"{self.kind}={self.value:g}"

@@ -33,7 +33,8 @@ import torch.distributed as dist
 from megatron_cpt import platform
 from megatron_cpt.errors import UserError
 from megatron_cpt.model.arch import LlamaArch, from_hf_config
-from megatron_cpt.training.pickle_safety import check_checkpoint_pickles
+from megatron_cpt.training.checkpoint_integrity import verify_checkpoint
+from megatron_cpt.training.writer_processes import owned_writer_processes
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
 METADATA_FILE = "megatron_cpt.json"
@@ -59,7 +60,7 @@ def latest_iteration(save_dir: str | os.PathLike) -> int | None:
     tracker = Path(save_dir) / TRACKER_FILE
     try:
         text = tracker.read_text().strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a path under a file is checked elsewhere
         return None
     if text == "release":  # Megatron-LM's marker for converted checkpoints
         return 0
@@ -221,12 +222,13 @@ def save_checkpoint(
 
     start = time.time()
     platform.apply_cpu_patches()
-    dist_checkpointing.save(
-        sharded,
-        str(partial),
-        sharded_strategy=sharded_strategy,
-        content_metadata=dict(_SHARDING_METADATA),
-    )
+    with owned_writer_processes():  # nothing megatron-core starts may outlive this process
+        dist_checkpointing.save(
+            sharded,
+            str(partial),
+            sharded_strategy=sharded_strategy,
+            content_metadata=dict(_SHARDING_METADATA),
+        )
     _barrier()
     if os.environ.get(PAUSE_IN_SAVE_ENV) == str(iteration):
         _pause_for_kill(save_dir / f"paused_in_save_{iteration}")
@@ -333,11 +335,12 @@ def load_checkpoint(
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     platform.apply_cpu_patches()
     ckpt = resolve_checkpoint_dir(load_dir, iteration)
     meta = read_metadata(ckpt)
-    check_checkpoint_pickles(ckpt)  # before megatron-core / torch unpickle anything
+    verify_checkpoint(ckpt)  # complete and safe, before megatron-core / torch read anything
     model_chunks = _unwrap(model_chunks)
 
     sharded = _model_sharded_state_dict(model_chunks)
@@ -365,7 +368,7 @@ def load_checkpoint(
         )
     except UserError:
         raise
-    except Exception as exc:  # shape/key mismatches surface as CheckpointingException
+    except (Exception, CheckpointException) as exc:  # shape/key mismatches, unreadable data
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(f"{ckpt}: cannot load into this model: {first[:300]}") from exc
 
@@ -445,6 +448,38 @@ def _check_model_keys(ckpt: Path, sharded: dict, meta: dict) -> None:
                 f"{ckpt}: tensor '{value.key}' has shape {have} in the checkpoint but {want} in "
                 f"this model (padded vocab {meta.get('padded_vocab_size')}); does --model match?"
             )
+
+
+def resumable_iteration(save_dir: str | os.PathLike) -> tuple[int, str]:
+    """The newest published iteration in ``save_dir`` that is complete, and a note if that is not
+    the latest one (the latest was damaged after publishing: truncated or missing files).
+
+    Falling back to the previous checkpoint costs ``--save-interval`` iterations; refusing to
+    start costs the user a manual repair, so we fall back and say so.
+    """
+    save_dir = Path(save_dir)
+    latest = latest_iteration(save_dir)
+    if latest is None:
+        raise UserError(f"{save_dir}: no published checkpoint to resume from")
+    try:
+        verify_checkpoint(resolve_checkpoint_dir(save_dir, latest))
+        return latest, ""
+    except UserError as exc:
+        problem = str(exc)
+    older = sorted(
+        (int(p.name[len("iter_") :]) for p in save_dir.glob("iter_*") if p.name[5:].isdigit()),
+        reverse=True,
+    )
+    for iteration in (i for i in older if i < latest):
+        try:
+            verify_checkpoint(iteration_dir(save_dir, iteration))
+        except UserError:
+            continue
+        return iteration, (
+            f"latest checkpoint (iteration {latest}) is damaged: {problem}; "
+            f"resuming from the previous published checkpoint, iteration {iteration}"
+        )
+    raise UserError(f"{problem}; no earlier complete checkpoint in {save_dir}")
 
 
 def checkpoint_exists(save_dir: str | os.PathLike | None) -> bool:

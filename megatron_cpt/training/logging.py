@@ -65,8 +65,6 @@ class MetricsLogger:
         self._wandb = None
         if not enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         if tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -86,6 +84,9 @@ class MetricsLogger:
     def _write(self, obj: dict) -> None:
         # NaN/Inf are not JSON; a skipped iteration's loss is written as null.
         line = json.dumps(obj, allow_nan=False)
+        if self._jsonl is None:  # opened at the first record: a run refused earlier leaves none
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._jsonl = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
         self._jsonl.write(line + "\n")
         self._jsonl.flush()
 
@@ -184,6 +185,7 @@ class MetricsLogger:
         """A small JSON file in the run directory, written atomically."""
         if not self.enabled:
             return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / name
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -51,6 +51,7 @@ from megatron_cpt.training.optimizer import (
     current_lr,
     wrap_ddp,
 )
+from megatron_cpt.training.preflight import preflight
 
 # Test hook (exact-resume test): pause inside this iteration, after forward/backward and before
 # the optimizer step, so that a SIGKILL lands mid-iteration deterministically.
@@ -99,6 +100,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig | argparse.Namespace):
         if isinstance(cfg, argparse.Namespace):
             cfg = resolve_config(cfg)  # every config error surfaces here, before compute
+        preflight(cfg)  # outputs writable, shard token ids within the vocabulary
         self.cfg = cfg
         self.arch: LlamaArch = cfg.arch
         self.batch: BatchSettings = cfg.batch
@@ -195,12 +197,16 @@ class Trainer:
                 break
         pretrained = ck.load if ck.finetune else ck.pretrained_checkpoint
         if resume_dir is not None:
+            iteration, note = checkpointing.resumable_iteration(resume_dir)
+            if note and self.logger:
+                self.logger.message(f"> warning: {note}")
             state = checkpointing.load_checkpoint(
                 resume_dir,
                 self.model,
                 None if ck.no_load_optim else self.optimizer,
                 None if ck.no_load_optim else self.scheduler,
                 load_rng=not ck.no_load_rng,
+                iteration=iteration,
             )
             if ck.no_load_optim and hasattr(self.optimizer, "reload_model_params"):
                 self.optimizer.reload_model_params()
@@ -299,6 +305,7 @@ class Trainer:
     def _pause(self) -> None:
         marker = Path(self.cfg.logging.run_dir) / f"paused_at_iteration_{self.iteration + 1}"
         if self.rank == 0:
+            marker.parent.mkdir(parents=True, exist_ok=True)
             marker.write_text(str(os.getpid()))
         while True:  # wait for the test's SIGKILL
             time.sleep(1)

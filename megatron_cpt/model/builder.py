@@ -106,7 +106,8 @@ def build_transformer_config(arch: LlamaArch, build: ModelBuildConfig | None = N
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=arch.qkv_bias,  # Qwen2
+        qk_layernorm=arch.qk_norm,  # Qwen3: the spec's RMSNorm over each q/k head
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=build.init_method_std,
@@ -130,12 +131,13 @@ def build_transformer_config(arch: LlamaArch, build: ModelBuildConfig | None = N
     return TransformerConfig(**kwargs)
 
 
-def layer_spec(build: ModelBuildConfig):
+def layer_spec(build: ModelBuildConfig, qk_norm: bool = False):
+    """``qk_norm``: a per-head RMSNorm on queries and keys before RoPE (Qwen3)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     if use_te(build):
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+    return gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_norm)
 
 
 def build_model(
@@ -189,7 +191,7 @@ def _gpt_model(arch, config, build, pre_process, post_process, vocab_size, max_s
 
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(build),
+        transformer_layer_spec=layer_spec(build, qk_norm=arch.qk_norm),
         vocab_size=vocab_size,
         max_sequence_length=max_sequence_length or arch.max_position_embeddings,
         pre_process=pre_process,

@@ -68,7 +68,7 @@ def check_hf_shapes(ckpt, lay: TensorLayout) -> None:
                 f"({field}) implies {list(shape)}"
             )
     layer_names = {n for n in names if n.startswith("model.layers.")}
-    extra = sorted(layer_names - set(expected), key=len)
+    extra = sorted(layer_names - set(expected), key=lambda n: (len(n), n))
     if extra:
         raise UserError(f"{ckpt.path}: unexpected tensor {extra[0]} ({_unexpected(extra[0], lay)})")
 

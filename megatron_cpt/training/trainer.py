@@ -145,11 +145,7 @@ def build_settings(args: argparse.Namespace) -> dict:
         raise UserError("--bf16 needs a GPU here (CPU runs train in fp32)")
     dp = world // (build.tensor_parallel * build.pipeline_parallel * build.context_parallel)
     batch = batch_settings(args, dp)
-    if args.seq_length > arch.max_position_embeddings:
-        raise UserError(
-            f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
-            f"({arch.max_position_embeddings})"
-        )
+    arch.check_sequence_length(args.seq_length, "--seq-length")  # positions; Mistral's window
     if not args.data_path:
         raise UserError("--data-path: give the training shards (W1 PREFIX1 W2 PREFIX2 ...)")
     prefixes, _ = parse_blend(args.data_path)

@@ -408,6 +408,7 @@ def test_megatron_ties_merge_equals_hf_merge_after_export(converted, tmp_path, f
 # ---- TP=2 / PP=2 (torchrun, gloo) --------------------------------------------------------
 
 
+@pytest.mark.slow  # ~1 min per family (two torchrun ranks, four model loads)
 @pytest.mark.multiproc
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_tp2_and_pp2_logits_parity_and_shards(converted, tmp_path, family):

@@ -65,7 +65,7 @@ def make_family_hf(family: str, out: Path | None, seed: int = 0, **overrides):
     config_name, model_name, extra = FAMILIES[family]
     torch.manual_seed(seed)
     config = getattr(transformers, config_name)(
-        **dict(_SHAPE, **extra, **overrides), initializer_range=0.2
+        **{**_SHAPE, **extra, **overrides}, initializer_range=0.2
     )
     model = getattr(transformers, model_name)(config).eval()
     with torch.no_grad():
@@ -248,6 +248,42 @@ def test_export_without_side_config_writes_the_family_config(converted, tmp_path
     assert type(reloaded).__name__ == FAMILIES[family][1]
     ids = sample_ids(model.config.vocab_size)
     assert torch.equal(hf_logits(reloaded, ids), hf_logits(model, ids))
+
+
+# ---- GGUF (llama.cpp's qwen2 / qwen3 files, read by transformers too) ---------------------
+
+
+@pytest.mark.parametrize(
+    "family,matrix_type,overrides",
+    [
+        ("qwen2", "Q8_0", {}),
+        # transformers' GGUF config does not read head_dim for qwen3: Qwen3Config's 128 it is
+        ("qwen3", "F16", {"head_dim": 128}),
+    ],
+)
+def test_gguf_import_equals_transformers_and_logits_parity(
+    tmp_path, family, matrix_type, overrides
+):
+    from tests.gguf_files import write_llama_gguf
+    from tests.test_gguf_import import assert_reader_equals_transformers, transformers_gguf_model
+
+    model = make_family_hf(family, None, **overrides)
+    path = write_llama_gguf(
+        model.config,
+        model.state_dict().items(),
+        tmp_path / f"{family}.gguf",
+        matrix_type,
+        architecture=family,
+    )
+    assert_reader_equals_transformers(path)  # every tensor bit for bit, config included
+    import_hf(ImportConfig(str(path), str(tmp_path / "mc")))
+    reference = transformers_gguf_model(path)
+    mc_model, arch = load_megatron_model(tmp_path / "mc")
+    assert arch.family == family
+    ids = sample_ids(arch.vocab_size)
+    diff = (megatron_logits(mc_model, ids, arch.vocab_size) - hf_logits(reference, ids)).abs()
+    print(f"{family} GGUF ({matrix_type}) max |logits diff| {diff.max():.3g}")
+    assert diff.max() <= TOL
 
 
 # ---- one-line config mismatches ---------------------------------------------------------

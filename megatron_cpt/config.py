@@ -41,7 +41,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default=None,
-        help="preset (llama3-8b, llama3-70b, llama3.1-8b, llama3.1-70b, smollm2-135m) or a path "
+        help="preset (llama3-8b/70b, llama3.1-8b/70b, llama3.2-1b/3b, llama3.3-70b, smollm2-135m, "
+        "qwen2.5-0.5b/1.5b/7b/72b, qwen3-0.6b/8b/32b, mistral-7b, mistral-7b-v0.3) or a path "
         "to an HF config.json / model directory; with --pretrained-checkpoint/--load the "
         "checkpoint's own architecture is used unless given explicitly",
     )
@@ -160,7 +161,7 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain.py",
-        description="Continual pre-training of Llama-family models on megatron-core.",
+        description="Continual pre-training of Llama-layout models (Llama, Mistral, Qwen2.5, Qwen3) on megatron-core.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", default=None, help="YAML file with the same keys as the flags")

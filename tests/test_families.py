@@ -441,6 +441,47 @@ def test_megatron_ties_merge_equals_hf_merge_after_export(converted, tmp_path, f
         assert not torch.equal(tensor, base[name]), name
 
 
+# ---- evaluation: the Megatron backend scores like the HF backend ---------------------------
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_megatron_perplexity_and_loglikelihood_match_hf(tmp_path, family):
+    """Perplexity (rolling windows) and lm-eval loglikelihoods of a converted tiny model of each
+    family equal the HF backend's on the same text (the acceptance bar of test_eval_scoring)."""
+    from lm_eval.api.instance import Instance
+
+    from megatron_cpt.evaluation.backend import BackendSpec, load_backend
+    from megatron_cpt.evaluation.lm_eval_adapter import MegatronCPTLM
+    from megatron_cpt.evaluation.perplexity import PerplexityConfig, evaluate_set
+    from tests.test_eval_scoring import CORPUS, make_tiny_llama
+
+    hf_dir = make_tiny_llama(tmp_path / "hf")  # its trained BPE tokenizer; model replaced below
+    vocab = json.loads((hf_dir / "config.json").read_text())["vocab_size"]
+    (hf_dir / "model.safetensors").unlink()
+    make_family_hf(family, hf_dir, vocab_size=vocab)
+    import_hf(ImportConfig(str(hf_dir), str(tmp_path / "mc")))
+    hf = load_backend(BackendSpec(hf=str(hf_dir)))
+    megatron = load_backend(BackendSpec(megatron=str(tmp_path / "mc")))
+    if family == "mistral":  # its window bounds the default evaluation length
+        assert megatron.max_length == 64
+    data = tmp_path / "set.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in CORPUS))
+    cfg = PerplexityConfig(seq_length=32, batch_size=4)
+    ours, ref = (evaluate_set(b, "d", [str(data)], cfg) for b in (megatron, hf))
+    assert (ours.tokens, ours.bytes) == (ref.tokens, ref.bytes)
+    assert ours.bpb == pytest.approx(ref.bpb, rel=1e-5)
+    pairs = [("Gold prices", " rose on Tuesday"), ("", "The Borrower shall repay")]
+
+    def requests():
+        return [
+            Instance("loglikelihood", {}, arguments=pair, idx=i) for i, pair in enumerate(pairs)
+        ]
+
+    got = MegatronCPTLM(backend=megatron).loglikelihood(requests(), True)
+    want = MegatronCPTLM(backend=hf).loglikelihood(requests(), True)
+    assert [lp for lp, _ in got] == pytest.approx([lp for lp, _ in want], abs=1e-4)
+
+
 # ---- TP=2 / PP=2 (torchrun, gloo) --------------------------------------------------------
 
 

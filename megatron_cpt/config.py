@@ -66,7 +66,8 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--model",
         default=None,
-        help="preset (llama3-8b, llama3-70b, llama3.1-8b, llama3.1-70b, smollm2-135m) or a path "
+        help="preset (llama3-8b/70b, llama3.1-8b/70b, llama3.2-1b/3b, llama3.3-70b, smollm2-135m, "
+        "qwen2.5-0.5b/1.5b/7b/72b, qwen3-0.6b/8b/32b, mistral-7b, mistral-7b-v0.3) or a path "
         "to an HF config.json / model directory; with --pretrained-checkpoint/--load the "
         "checkpoint's own architecture is used unless given explicitly",
     )
@@ -318,7 +319,7 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pretrain.py",
-        description="Continual pre-training of Llama-family models on megatron-core.",
+        description="Continual pre-training of Llama-layout models (Llama, Mistral, Qwen2.5, Qwen3) on megatron-core.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument("--config", default=None, help="YAML file with the same keys as the flags")
@@ -782,11 +783,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         raise UserError("--bf16 needs a GPU here (CPU runs train in fp32)")
     dp = world // (build.tensor_parallel * build.pipeline_parallel * build.context_parallel)
     batch = batch_settings(args, dp)
-    if args.seq_length > arch.max_position_embeddings:
-        raise UserError(
-            f"--seq-length {args.seq_length} exceeds the model's max_position_embeddings "
-            f"({arch.max_position_embeddings})"
-        )
+    arch.check_sequence_length(args.seq_length, "--seq-length")  # positions; Mistral's window
     train_flag = "--train-data-path" if args.train_data_path else "--data-path"
     train_path = args.train_data_path or args.data_path
     if not train_path and not args.mock_data:

@@ -31,7 +31,8 @@ def write_llama_gguf(
     extra_tensors: Iterable[tuple[str, np.ndarray]] = (),
     architecture: str = "llama",
 ) -> Path:
-    """``tensors``: (HF name, tensor) pairs of a Llama with HF ``config``."""
+    """``tensors``: (HF name, tensor) pairs of a Llama-layout model with HF ``config``; for
+    ``architecture`` qwen2/qwen3 q/k rows stay in HF order, as llama.cpp writes those."""
     import gguf
 
     head_dim = config.hidden_size // config.num_attention_heads
@@ -48,15 +49,17 @@ def write_llama_gguf(
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     qtype = gguf.GGMLQuantizationType[matrix_type]
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    arch = {name: a for a, name in gguf.MODEL_ARCH_NAMES.items()}.get(architecture)
+    names = gguf.get_tensor_name_map(arch or gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
+    permute = architecture == "llama"
     for hf_name, tensor in tensors:
         if config.tie_word_embeddings and hf_name == "lm_head.weight":
             continue
         base, suffix = hf_name.rsplit(".", 1)
         array = tensor.float().numpy()
-        if base.endswith("q_proj"):
+        if permute and base.endswith("q_proj") and suffix == "weight":
             array = llama_cpp_permute(array, config.num_attention_heads)
-        elif base.endswith("k_proj"):
+        elif permute and base.endswith("k_proj") and suffix == "weight":
             array = llama_cpp_permute(array, config.num_key_value_heads)
         gguf_name = f"{names.get_name(base)}.{suffix}"
         if array.ndim == 2:

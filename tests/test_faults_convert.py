@@ -41,15 +41,22 @@ def test_max_shard_size_not_positive_is_refused(tiny, tmp_path, value):
     assert files_under(tmp_path) == []
 
 
-def test_mistral_sliding_window_is_refused_not_dropped(tiny, tmp_path):
+def test_mistral_sliding_window_is_kept_not_dropped(tiny, tmp_path):
+    """Issue 15 found the window silently dropped; the Mistral family (issue 18) now carries
+    it into the checkpoint, where the trainer and evaluation refuse longer sequences."""
+    from megatron_cpt.training.checkpointing import read_metadata
+
     hf = tmp_path / "mistral"
     shutil.copytree(tiny / "hf", hf)
     config = json.loads((hf / "config.json").read_text())
     config.update(model_type="mistral", sliding_window=16, max_position_embeddings=256)
     (hf / "config.json").write_text(json.dumps(config))
     result = run_tool("convert_checkpoint.py", ["hf-to-mcore", "--hf", hf, "--out", tmp_path / "o"])
-    assert_one_line(result, "sliding_window", "16", "mistral")
-    assert not (tmp_path / "o").exists()
+    assert result.returncode == 0, result.stderr
+    arch = read_metadata(tmp_path / "o")["arch"]
+    assert (arch.family, arch.sliding_window) == ("mistral", 16)
+    with pytest.raises(Exception, match="sliding_window"):
+        arch.check_sequence_length(17, "--seq-length")
 
 
 @pytest.mark.parametrize("direction", ["hf-to-mcore", "mcore-to-hf"])

@@ -114,11 +114,13 @@ def test_gguf_with_llama3_rope_factors_is_refused(tmp_path):
     assert not (tmp_path / "mc").exists()
 
 
-def test_non_llama_gguf_is_refused(tmp_path):
+def test_unsupported_gguf_architecture_is_refused(tmp_path):
     model = make_tiny_hf("mha-tied", tmp_path / "hf")
-    path = tmp_path / "qwen2.gguf"
-    write_llama_gguf(model.config, model.state_dict().items(), path, "F16", architecture="qwen2")
-    with pytest.raises(UserError, match="general.architecture is 'qwen2'; only llama"):
+    path = tmp_path / "gemma.gguf"
+    write_llama_gguf(model.config, model.state_dict().items(), path, "F16", architecture="gemma")
+    with pytest.raises(
+        UserError, match="general.architecture is 'gemma'; GGUFs of llama, qwen2, qwen3 convert"
+    ):
         open_hf_checkpoint(path)
 
 

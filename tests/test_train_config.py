@@ -27,6 +27,7 @@ def test_recipes_parse_and_fit_their_cluster(recipe):
     nodes = 8 if "70b" in recipe.name else 1
     world = 8 * nodes if args.bf16 else 1
     validate_parallelism(arch, ModelBuildConfig(tensor_parallel=tp, pipeline_parallel=pp), world)
+    arch.check_sequence_length(args.seq_length, "--seq-length")  # positions, Mistral's window
     dp = world // (tp * pp)
     assert args.global_batch_size % (args.micro_batch_size * dp) == 0
     prefixes, weights = parse_blend(args.data_path)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Convert Llama checkpoints between HF (safetensors dir or GGUF) and megatron-core.
+"""Convert Llama, Mistral, Qwen2/2.5 and Qwen3 checkpoints between HF (safetensors dir or GGUF) and megatron-core.
 
   hf-to-mcore --hf PATH --out DIR --tensor-model-parallel-size N --pipeline-model-parallel-size M
   mcore-to-hf --load DIR --out HF_DIR [--tokenizer-from PATH]
@@ -24,7 +24,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     imp = sub.add_parser("hf-to-mcore", help="HF safetensors dir or .gguf -> megatron-core")
-    imp.add_argument("--hf", required=True, help="HF model directory (safetensors) or .gguf file")
+    imp.add_argument(
+        "--hf",
+        required=True,
+        help="HF model directory (safetensors) or .gguf file (llama/qwen2/qwen3)",
+    )
     imp.add_argument("--out", required=True, help="megatron checkpoint directory to create")
     imp.add_argument("--tensor-model-parallel-size", type=int, default=1)
     imp.add_argument("--pipeline-model-parallel-size", type=int, default=1)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Continual pre-training of a Llama model on megatron-core (what launch/pretrain_llama3.sh runs).
+"""Continual pre-training of a Llama-layout model (Llama, Mistral, Qwen2.5, Qwen3) on megatron-core (what launch/pretrain_llama3.sh runs).
 
     torchrun --nproc_per_node 8 tools/pretrain.py --config examples/llama3_8b_cpt.yaml
     python tools/pretrain.py --model smollm2-135m --data-path 0.97 sec 0.03 wiki ...   # CPU

@@ -100,16 +100,18 @@ def _side_dir(load: Path, meta: dict) -> Path:
 
 def _hf_config(arch, side_config: Path, dtype: torch.dtype):
     """The source checkpoint's own config when it still describes the weights (always, for a
-    converted-then-trained model): keeps every field users rely on (token ids, rope spelling)."""
-    from transformers import LlamaConfig
+    converted-then-trained model): keeps every field users rely on (token ids, rope spelling).
+    Read with the family's transformers config class (``LlamaConfig``, ``Qwen2Config``, ...)."""
+    from transformers import CONFIG_MAPPING
 
+    config_class = CONFIG_MAPPING[arch.family]
     if side_config.exists():
         source = json.loads(side_config.read_text())
         if from_hf_config(source) == arch:
-            config = LlamaConfig.from_dict(source)
+            config = config_class.from_dict(source)
             config.dtype = dtype
             return config
-    config = LlamaConfig.from_dict(arch.to_hf_config())
+    config = config_class.from_dict(arch.to_hf_config())
     config.dtype = dtype
     return config
 

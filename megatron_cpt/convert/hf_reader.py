@@ -1,4 +1,4 @@
-"""Read HF Llama checkpoints tensor by tensor: safetensors directories (sharded or not) and GGUF.
+"""Read HF checkpoints (Llama, Mistral, Qwen2, Qwen3) tensor by tensor: safetensors directories (sharded or not) and GGUF.
 
 Each tensor is made only when the converter asks for it, so a multi-shard 70B directory (or an
 8B GGUF) never sits in memory at once:
@@ -27,6 +27,7 @@ import torch
 
 from megatron_cpt.convert.mapping import HF_EMBED
 from megatron_cpt.errors import UserError
+from megatron_cpt.model.families import FAMILIES, family_of_gguf
 from megatron_cpt.safetensors_io import SafetensorsCheckpoint
 
 _DEQUANTIZE_CHUNK_BYTES = 64 * 1024**2
@@ -75,7 +76,7 @@ class SafetensorsModel:
 
 
 class GGUFCheckpoint:
-    """A llama ``.gguf`` file read a tensor at a time, each dequantized when asked for.
+    """A llama/qwen2/qwen3 ``.gguf`` file read a tensor at a time, each dequantized when asked for.
 
     Only public APIs: the config from ``AutoConfig.from_pretrained(..., gguf_file=)``, GGUF <->
     HF names from the ``gguf`` package's ``get_tensor_name_map`` over the HF names of a
@@ -86,29 +87,41 @@ class GGUFCheckpoint:
     """
 
     def __init__(self, path: Path):
-        from gguf import MODEL_ARCH, GGUFReader, get_tensor_name_map
+        from gguf import MODEL_ARCH_NAMES, GGUFReader, get_tensor_name_map
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.path = path
         self.tokenizer_source = (str(path.parent), {"gguf_file": path.name})
         try:
             self._reader = GGUFReader(str(path))
-            self.config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
         except Exception as exc:
             raise UserError(f"{path}: not a readable GGUF file ({exc})") from None
         field = self._reader.get_field("general.architecture")
         architecture = bytes(field.parts[field.data[0]]).decode() if field else None
-        if architecture != "llama":
+        family = family_of_gguf(architecture)
+        if family is None:
+            supported = sorted(f.GGUF_ARCH for f in FAMILIES.values() if f.GGUF_ARCH)
             raise UserError(
-                f"{path}: general.architecture is {architecture!r}; only llama GGUFs convert"
+                f"{path}: general.architecture is {architecture!r}; GGUFs of "
+                f"{', '.join(supported)} convert"
             )
-        self._heads = {
-            ".attn_q.": self.config.num_attention_heads,
-            ".attn_k.": self.config.num_key_value_heads,
-        }
+        try:
+            self.config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+        except Exception as exc:
+            raise UserError(f"{path}: not a readable GGUF file ({exc})") from None
+        # llama.cpp interleaves q/k rows for llama only (qwen2/qwen3 keep HF's order)
+        self._heads = (
+            {
+                ".attn_q.": self.config.num_attention_heads,
+                ".attn_k.": self.config.num_key_value_heads,
+            }
+            if family.GGUF_ROPE_PERMUTED
+            else {}
+        )
+        gguf_arch = {name: arch for arch, name in MODEL_ARCH_NAMES.items()}[architecture]
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(self.config)
-        gguf_names = get_tensor_name_map(MODEL_ARCH.LLAMA, self.config.num_hidden_layers)
+        gguf_names = get_tensor_name_map(gguf_arch, self.config.num_hidden_layers)
         to_hf = {}
         for hf_name in skeleton.state_dict():
             base, _, suffix = hf_name.rpartition(".")

@@ -26,6 +26,9 @@ def tensor_layout(
         padded_vocab_size=padded_vocab_size,
         tie_word_embeddings=arch.tie_word_embeddings,
         fused_norms=fused_norms,
+        family=arch.family,
+        qkv_bias=arch.qkv_bias,
+        qk_norm=arch.qk_norm,
     )
 
 
@@ -34,6 +37,11 @@ _FIELD_OF = {
     "embed_tokens.weight": "vocab_size/hidden_size",
     "lm_head.weight": "vocab_size/hidden_size",
     "q_proj.weight": "num_attention_heads/head_dim/hidden_size",
+    "q_proj.bias": "num_attention_heads/head_dim",
+    "k_proj.bias": "num_key_value_heads/head_dim",
+    "v_proj.bias": "num_key_value_heads/head_dim",
+    "q_norm.weight": "head_dim",
+    "k_norm.weight": "head_dim",
     "k_proj.weight": "num_key_value_heads/head_dim/hidden_size",
     "v_proj.weight": "num_key_value_heads/head_dim/hidden_size",
     "o_proj.weight": "num_attention_heads/head_dim/hidden_size",
@@ -51,9 +59,7 @@ def check_hf_shapes(ckpt, lay: TensorLayout) -> None:
     expected = expected_hf_shapes(lay)
     for name, shape in expected.items():
         if name not in names:
-            raise UserError(
-                f"{ckpt.path}: tensor {name} missing (config.json: num_hidden_layers={lay.num_layers}, tie_word_embeddings={lay.tie_word_embeddings})"
-            )
+            raise UserError(f"{ckpt.path}: tensor {name} missing ({_implied_by(name, lay)})")
         actual = ckpt.shape(name)
         if tuple(actual) != shape:
             field = next((f for s, f in _FIELD_OF.items() if name.endswith(s)), "shape")
@@ -62,12 +68,30 @@ def check_hf_shapes(ckpt, lay: TensorLayout) -> None:
                 f"({field}) implies {list(shape)}"
             )
     layer_names = {n for n in names if n.startswith("model.layers.")}
-    extra = sorted(layer_names - set(expected), key=len)
+    extra = sorted(layer_names - set(expected), key=lambda n: (len(n), n))
     if extra:
-        raise UserError(
-            f"{ckpt.path}: unexpected tensor {extra[0]} (config.json num_hidden_layers="
-            f"{lay.num_layers}; biases/other architectures are not Llama)"
-        )
+        raise UserError(f"{ckpt.path}: unexpected tensor {extra[0]} ({_unexpected(extra[0], lay)})")
+
+
+def _implied_by(name: str, lay: TensorLayout) -> str:
+    """The config field that makes a missing tensor expected."""
+    if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+        return f"config.json model_type={lay.family} has q/k/v biases"
+    if name.endswith(("q_norm.weight", "k_norm.weight")):
+        return f"config.json model_type={lay.family} has per-head q/k norms"
+    return (
+        f"config.json: num_hidden_layers={lay.num_layers}, "
+        f"tie_word_embeddings={lay.tie_word_embeddings}"
+    )
+
+
+def _unexpected(name: str, lay: TensorLayout) -> str:
+    """Why a tensor the config does not imply is there: usually the wrong model_type."""
+    if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+        return f"config.json model_type={lay.family} has no q/k/v biases: a qwen2 checkpoint?"
+    if name.endswith(("q_norm.weight", "k_norm.weight")):
+        return f"config.json model_type={lay.family} has no q/k norms: a qwen3 checkpoint?"
+    return f"config.json model_type={lay.family}, num_hidden_layers={lay.num_layers}"
 
 
 def check_requested_model(requested: LlamaArch, actual: LlamaArch, requested_name: str) -> None:

@@ -1,4 +1,7 @@
-"""Name and layout mapping between HF Llama tensors and megatron-core ``GPTModel`` tensors.
+"""Name and layout mapping between HF Llama-layout tensors and megatron-core ``GPTModel`` tensors.
+
+The HF names of one decoder layer come from the model family (``megatron_cpt.model.families``:
+Qwen2 adds q/k/v biases, Qwen3 per-head q/k norms); the transforms here are shared by all.
 
 Everything here is a pure tensor function so it can be proven against a direct computation and
 reused by both directions and by any TP/PP layout. The megatron side is always the *global*
@@ -14,6 +17,9 @@ Layout facts the mapping encodes (each checked by logits parity in the tests):
 - HF Llama q/k weights are already in the rotate-half order that megatron-core's non-interleaved
   ``apply_rotary_pos_emb`` uses, so no head permutation is needed (Meta's original checkpoints
   were interleaved; HF's conversion script permuted them once, at import into HF).
+- Qwen2's q/k/v biases fuse into ``linear_qkv.bias`` in the same per-group order as the weight.
+- Qwen3's ``q_norm``/``k_norm`` (one ``head_dim`` weight each) are megatron-core's
+  ``q_layernorm``/``k_layernorm`` unchanged.
 - Vocabulary rows are padded with zeros to a TP-divisible size on import and cut on export.
 """
 
@@ -44,6 +50,9 @@ class TensorLayout:
     # spec keeps them as separate modules. The checkpoint (sharded) keys are the TE names for
     # both, but plain ``state_dict()`` keys differ, so the caller picks.
     fused_norms: bool = False
+    family: str = "llama"  # the HF model_type: which tensors a decoder layer has
+    qkv_bias: bool = False
+    qk_norm: bool = False
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_query_groups:
@@ -88,6 +97,20 @@ def split_qkv(
     return q, k, v
 
 
+def fuse_qkv_bias(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lay: TensorLayout
+) -> torch.Tensor:
+    """q/k/v biases -> ``linear_qkv.bias``, grouped exactly like the weight's rows."""
+    return fuse_qkv(q[:, None], k[:, None], v[:, None], lay)[:, 0]
+
+
+def split_qkv_bias(
+    qkv: torch.Tensor, lay: TensorLayout
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    q, k, v = split_qkv(qkv[:, None], lay)
+    return q[:, 0].clone(), k[:, 0].clone(), v[:, 0].clone()
+
+
 def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return torch.cat([gate, up], dim=0)
 
@@ -113,24 +136,18 @@ def unpad_vocab(weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
 # Names
 
 
-def hf_layer_names(i: int) -> dict[str, str]:
-    p = f"model.layers.{i}."
-    return {
-        "input_norm": p + "input_layernorm.weight",
-        "q": p + "self_attn.q_proj.weight",
-        "k": p + "self_attn.k_proj.weight",
-        "v": p + "self_attn.v_proj.weight",
-        "o": p + "self_attn.o_proj.weight",
-        "post_norm": p + "post_attention_layernorm.weight",
-        "gate": p + "mlp.gate_proj.weight",
-        "up": p + "mlp.up_proj.weight",
-        "down": p + "mlp.down_proj.weight",
-    }
+def hf_layer_names(i: int, family: str = "llama") -> dict[str, str]:
+    """Role -> HF tensor name of decoder layer ``i``, as the family module spells it."""
+    from megatron_cpt.model.families import get_family
+
+    return get_family(family).hf_layer_names(i)
 
 
-def mcore_layer_names(i: int, fused_norms: bool = False) -> dict[str, str]:
+def mcore_layer_names(
+    i: int, fused_norms: bool = False, qkv_bias: bool = False, qk_norm: bool = False
+) -> dict[str, str]:
     p = f"decoder.layers.{i}."
-    return {
+    names = {
         "input_norm": p
         + (
             "self_attention.linear_qkv.layer_norm_weight"
@@ -144,6 +161,20 @@ def mcore_layer_names(i: int, fused_norms: bool = False) -> dict[str, str]:
         "fc1": p + "mlp.linear_fc1.weight",
         "fc2": p + "mlp.linear_fc2.weight",
     }
+    if qkv_bias:
+        names["qkv_bias"] = p + "self_attention.linear_qkv.bias"
+    if qk_norm:
+        names["q_layernorm"] = p + "self_attention.q_layernorm.weight"
+        names["k_layernorm"] = p + "self_attention.k_layernorm.weight"
+    return names
+
+
+def _hf_names(i: int, lay: TensorLayout) -> dict[str, str]:
+    return hf_layer_names(i, lay.family)
+
+
+def _mc_names(i: int, lay: TensorLayout) -> dict[str, str]:
+    return mcore_layer_names(i, lay.fused_norms, lay.qkv_bias, lay.qk_norm)
 
 
 HF_EMBED = "model.embed_tokens.weight"
@@ -164,7 +195,7 @@ def hf_group_names(lay: TensorLayout) -> Iterator[list[str]]:
     """HF tensor names by group, in the order a converter should stream them."""
     yield [HF_EMBED]
     for i in range(lay.num_layers):
-        yield list(hf_layer_names(i).values())
+        yield list(_hf_names(i, lay).values())
     head = [HF_FINAL_NORM]
     if not lay.tie_word_embeddings:
         head.append(HF_LM_HEAD)
@@ -183,18 +214,27 @@ def hf_to_mcore_tensor(name: str, get: Getter, lay: TensorLayout) -> torch.Tenso
     parts = name.split(".")
     if name.startswith("decoder.layers.") and parts[2].isdigit():
         i = int(parts[2])
-        role = {v: k for k, v in mcore_layer_names(i, lay.fused_norms).items()}.get(name)
-        h = hf_layer_names(i)
+        role = {v: k for k, v in _mc_names(i, lay).items()}.get(name)
+        h = _hf_names(i, lay)
         if role == "qkv":
             return fuse_qkv(get(h["q"]), get(h["k"]), get(h["v"]), lay)
+        if role == "qkv_bias":
+            return fuse_qkv_bias(get(h["q_bias"]), get(h["k_bias"]), get(h["v_bias"]), lay)
         if role == "fc1":
             return fuse_gate_up(get(h["gate"]), get(h["up"]))
         if role is not None:
             return get(h[_SAME_TENSOR[role]])
-    raise KeyError(f"{name} is not a tensor of this Llama layout")
+    raise KeyError(f"{name} is not a tensor of this {lay.family} layout")
 
 
-_SAME_TENSOR = {"input_norm": "input_norm", "o": "o", "post_norm": "post_norm", "fc2": "down"}
+_SAME_TENSOR = {
+    "input_norm": "input_norm",
+    "o": "o",
+    "post_norm": "post_norm",
+    "fc2": "down",
+    "q_layernorm": "q_norm",
+    "k_layernorm": "k_norm",
+}
 
 
 def hf_to_mcore_group(names: list[str], get: Getter, lay: TensorLayout) -> dict[str, torch.Tensor]:
@@ -204,14 +244,14 @@ def hf_to_mcore_group(names: list[str], get: Getter, lay: TensorLayout) -> dict[
     elif names[0] == HF_FINAL_NORM:
         targets = [MC_FINAL_NORM] + ([] if lay.tie_word_embeddings else [MC_OUTPUT])
     else:
-        targets = list(mcore_layer_names(int(names[0].split(".")[2]), lay.fused_norms).values())
+        targets = list(_mc_names(int(names[0].split(".")[2]), lay).values())
     return {t: hf_to_mcore_tensor(t, get, lay) for t in targets}
 
 
 def mcore_group_names(lay: TensorLayout) -> Iterator[list[str]]:
     yield [MC_EMBED]
     for i in range(lay.num_layers):
-        yield list(mcore_layer_names(i, lay.fused_norms).values())
+        yield list(_mc_names(i, lay).values())
     head = [MC_FINAL_NORM]
     if not lay.tie_word_embeddings:
         head.append(MC_OUTPUT)
@@ -235,10 +275,10 @@ def mcore_to_hf_group(names: list[str], get: Getter, lay: TensorLayout) -> dict[
             out[HF_LM_HEAD] = unpad_vocab(get(MC_OUTPUT), lay.vocab_size)
         return out
     i = int(names[0].split(".")[2])
-    h, m = hf_layer_names(i), mcore_layer_names(i, lay.fused_norms)
+    h, m = _hf_names(i, lay), _mc_names(i, lay)
     q, k, v = split_qkv(get(m["qkv"]), lay)
     gate, up = split_gate_up(get(m["fc1"]))
-    return {
+    out = {
         h["input_norm"]: get(m["input_norm"]),
         h["q"]: q,
         h["k"]: k,
@@ -249,6 +289,12 @@ def mcore_to_hf_group(names: list[str], get: Getter, lay: TensorLayout) -> dict[
         h["up"]: up,
         h["down"]: get(m["fc2"]),
     }
+    if lay.qkv_bias:
+        qb, kb, vb = split_qkv_bias(get(m["qkv_bias"]), lay)
+        out.update({h["q_bias"]: qb, h["k_bias"]: kb, h["v_bias"]: vb})
+    if lay.qk_norm:
+        out.update({h["q_norm"]: get(m["q_layernorm"]), h["k_norm"]: get(m["k_layernorm"])})
+    return out
 
 
 def expected_hf_shapes(lay: TensorLayout) -> dict[str, tuple[int, ...]]:
@@ -257,8 +303,15 @@ def expected_hf_shapes(lay: TensorLayout) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {HF_EMBED: (lay.vocab_size, hs), HF_FINAL_NORM: (hs,)}
     if not lay.tie_word_embeddings:
         shapes[HF_LM_HEAD] = (lay.vocab_size, hs)
+    q_rows, kv_rows = lay.num_attention_heads * hd, lay.num_query_groups * hd
     for i in range(lay.num_layers):
-        n = hf_layer_names(i)
+        n = _hf_names(i, lay)
+        if lay.qkv_bias:
+            shapes.update(
+                {n["q_bias"]: (q_rows,), n["k_bias"]: (kv_rows,), n["v_bias"]: (kv_rows,)}
+            )
+        if lay.qk_norm:
+            shapes.update({n["q_norm"]: (hd,), n["k_norm"]: (hd,)})
         shapes.update(
             {
                 n["input_norm"]: (hs,),

@@ -12,7 +12,12 @@ import torch
 
 from megatron_cpt.errors import UserError
 
-COLUMN_PARALLEL = ("linear_qkv.weight", "word_embeddings.weight", "output_layer.weight")
+COLUMN_PARALLEL = (
+    "linear_qkv.weight",
+    "linear_qkv.bias",
+    "word_embeddings.weight",
+    "output_layer.weight",
+)
 ROW_PARALLEL = ("linear_proj.weight", "linear_fc2.weight")
 GATED_COLUMN_PARALLEL = ("linear_fc1.weight",)
 

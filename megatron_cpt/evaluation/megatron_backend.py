@@ -12,6 +12,7 @@ in ``CKPT/hf/tokenizer``, or the trainer's recorded ``--tokenizer-type/--tokeniz
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -126,7 +127,10 @@ class MegatronBackend:
         resolve_checkpoint_dir(path)  # "not a checkpoint" before any tokenizer complaint
         tok = resolve_tokenizer(path, tokenizer)
         model, arch = load_megatron_model(path, tp=tp, pp=pp, dtype=torch_dtype)
-        return cls(model, arch, tok, str(path), max_length or arch.max_position_embeddings)
+        if max_length is None:  # a Mistral window bounds what megatron-core computes exactly
+            max_length = min(arch.max_position_embeddings, arch.sliding_window or math.inf)
+        arch.check_sequence_length(max_length, "max_length")
+        return cls(model, arch, tok, str(path), max_length)
 
     @torch.inference_mode()
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,9 @@
-"""Llama-family architecture: the few numbers that define a checkpoint, and their HF spelling.
+"""Llama-layout architecture: the few numbers that define a checkpoint, and their HF spelling.
+
+The families with the Llama layout (Llama, Mistral, Qwen2/2.5, Qwen3: see
+``megatron_cpt.model.families``) share this one dataclass; ``family`` names the HF
+``model_type`` and with it the family's extra tensors (Qwen2's q/k/v biases, Qwen3's per-head
+q/k RMSNorm) and config keys (Mistral's sliding window).
 
 One dataclass is the contract between the trainer, the HF <-> Megatron converter, merging and
 evaluation: whatever is written into a checkpoint's metadata is ``LlamaArch.to_hf_config()``, and
@@ -43,9 +48,11 @@ class LlamaArch:
     norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    family: str = "llama"  # the HF model_type: a module of megatron_cpt.model.families
+    sliding_window: int | None = None  # Mistral: sequences longer than this are refused
     # Megatron-LM's other architecture choices (a flags-only model, e.g. from-scratch domain
     # pretraining with a GPT-2-style net). Defaults are Llama's; anything else trains with
-    # megatron-core but has no HF Llama mapping (``megatron_only_fields``).
+    # megatron-core but has no HF mapping (``megatron_only_fields``).
     normalization: str = "RMSNorm"  # "RMSNorm" | "LayerNorm"
     swiglu: bool = True  # False: GeLU MLP (one fc1 projection)
     position_embedding_type: str = "rope"  # "rope" | "learned_absolute"
@@ -56,6 +63,37 @@ class LlamaArch:
     @property
     def kv_channels(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @property
+    def family_module(self):
+        from megatron_cpt.model.families import get_family
+
+        return get_family(self.family, "model architecture")
+
+    @property
+    def qkv_bias(self) -> bool:
+        """Biases on q/k/v (Qwen2): megatron-core ``add_qkv_bias``."""
+        return self.family_module.QKV_BIAS
+
+    @property
+    def qk_norm(self) -> bool:
+        """RMSNorm per query/key head (Qwen3): megatron-core ``qk_layernorm``."""
+        return self.family_module.QK_NORM
+
+    def check_sequence_length(self, length: int, flag: str) -> None:
+        """One line when ``length`` tokens would exceed what this model attends over: its
+        position range, or Mistral's sliding window (beyond which HF attends to a window and
+        megatron-core's causal attention would not; up to it the two are identical)."""
+        if length > self.max_position_embeddings:
+            raise UserError(
+                f"{flag} {length} exceeds the model's max_position_embeddings "
+                f"({self.max_position_embeddings})"
+            )
+        if self.sliding_window is not None and length > self.sliding_window:
+            raise UserError(
+                f"{flag} {length} exceeds the model's sliding_window ({self.sliding_window}): "
+                "sliding-window attention is not implemented; use at most the window"
+            )
 
     def validate(self) -> LlamaArch:
         def bad(msg: str):
@@ -91,6 +129,9 @@ class LlamaArch:
                     f"head_dim ({self.kv_channels}) x rotary_percent ({self.rotary_percent}) "
                     "must be even for RoPE"
                 )
+        self.family_module  # noqa: B018 -- an unknown family fails here, naming the field
+        if self.sliding_window is not None and self.family != "mistral":
+            bad(f"sliding_window is a Mistral field (family {self.family})")
         return self
 
     _LLAMA_CHOICES = (
@@ -102,7 +143,7 @@ class LlamaArch:
     )
 
     def megatron_only_fields(self) -> list[str]:
-        """Fields set to a value HF Llama cannot express (``"swiglu=False"``, ...): such a
+        """Fields set to a value no HF family expresses (``"swiglu=False"``, ...): such a
         model trains and checkpoints here, but has no HF conversion."""
         return [
             f"{name}={getattr(self, name)}"
@@ -118,7 +159,8 @@ class LlamaArch:
         """Fields that differ (floats compared to float32 precision, since GGUF and bf16
         checkpoints round e.g. ``rms_norm_eps``); ``extra`` (token ids) is ignored."""
         out = []
-        for f in dataclasses.fields(self):
+        fields = sorted(dataclasses.fields(self), key=lambda f: f.name != "family")  # first
+        for f in fields:
             if f.name == "extra":
                 continue
             a, b = getattr(self, f.name), getattr(other, f.name)
@@ -137,6 +179,10 @@ class LlamaArch:
         vocab = padded_vocab or self.vocab_size
         h, f, d = self.hidden_size, self.ffn_hidden_size, self.kv_channels
         attn = h * self.num_attention_heads * d * 2 + h * self.num_query_groups * d * 2
+        if self.qkv_bias:
+            attn += (self.num_attention_heads + 2 * self.num_query_groups) * d
+        if self.qk_norm:
+            attn += 2 * d
         mlp = (3 if self.swiglu else 2) * h * f
         norm = h if self.normalization == "RMSNorm" else 2 * h  # LayerNorm has a bias
         per_layer = attn + mlp + 2 * norm
@@ -151,33 +197,11 @@ class LlamaArch:
     # ---- HF config.json ------------------------------------------------------------------
 
     def to_hf_config(self) -> dict:
-        """A Llama ``config.json`` dict (transformers 4.x and 5.x both read these keys)."""
-        cfg = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.ffn_hidden_size,
-            "num_hidden_layers": self.num_layers,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_query_groups,
-            "head_dim": self.kv_channels,
-            "vocab_size": self.vocab_size,
-            "max_position_embeddings": self.max_position_embeddings,
-            "rope_theta": float(self.rope_theta),
-            "rope_scaling": None,
-            "rms_norm_eps": self.norm_eps,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "hidden_act": "silu",
-            "attention_bias": False,
-            "attention_dropout": 0.0,
-            "mlp_bias": False,
-            "initializer_range": 0.02,
-            "use_cache": True,
-        }
-        if self.rope_scaling is not None:
-            cfg["rope_scaling"] = {"rope_type": "llama3", **dataclasses.asdict(self.rope_scaling)}
-        # Non-Llama choices are written under our own key (a Llama config stays byte-identical);
-        # ``from_hf_config(..., megatron_only=True)`` reads them back from checkpoint metadata.
+        """This family's ``config.json`` dict (transformers 4.x and 5.x both read these keys)."""
+        cfg = self.family_module.hf_config(self)
+        # Non-Llama choices are written under our own key (a family's config stays
+        # byte-identical); ``from_hf_config(..., megatron_only=True)`` reads them back from
+        # checkpoint metadata.
         custom = {
             n: getattr(self, n) for n, llama in self._LLAMA_CHOICES if getattr(self, n) != llama
         }
@@ -191,32 +215,18 @@ MEGATRON_ONLY_KEY = "megatron_cpt_architecture"
 _EXTRA_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id", "torch_dtype")
 
 
-def refuse_sliding_window(config: dict, source: str) -> None:
-    """Sliding-window attention (Mistral) is not built: refuse instead of dropping the window.
-
-    Dropping it would silently turn every layer into full attention, a different model past
-    ``sliding_window`` tokens. A window at least as long as every position has no effect.
-    """
-    window = config.get("sliding_window")
-    if window is None or config.get("use_sliding_window") is False:
-        return
-    if int(window) >= int(config.get("max_position_embeddings") or 0) > 0:
-        return
-    raise UserError(
-        f"{source}: field 'sliding_window' is {window} (model_type "
-        f"{config.get('model_type', 'llama')!r}); sliding-window attention is not supported"
-    )
-
-
 def from_hf_config(
-    config: dict | str | os.PathLike | Any, megatron_only: bool = False
+    config: dict | str | os.PathLike | Any, megatron_only: bool = False, source: str = "config"
 ) -> LlamaArch:
-    """Build a ``LlamaArch`` from an HF Llama config (dict, ``config.json`` path or directory,
-    or a ``PretrainedConfig``). Handles transformers 4 (``rope_theta``/``rope_scaling``) and 5
-    (``rope_parameters``) spellings. ``megatron_only=True`` (checkpoint metadata) also accepts
-    the non-Llama choices ``to_hf_config`` stores under ``MEGATRON_ONLY_KEY``; a user's HF
-    config carrying them is refused, since no HF model reads them."""
-    source = "config"
+    """Build a ``LlamaArch`` from an HF config of a supported family (dict, ``config.json``
+    path or directory, or a ``PretrainedConfig``). Handles transformers 4
+    (``rope_theta``/``rope_scaling``) and 5 (``rope_parameters``) spellings; a key the file
+    leaves out takes the family's transformers default (e.g. Qwen3's ``head_dim`` 128).
+    ``megatron_only=True`` (checkpoint metadata) also accepts the non-Llama choices
+    ``to_hf_config`` stores under ``MEGATRON_ONLY_KEY``; a user's HF config carrying them is
+    refused, since no HF model reads them."""
+    from megatron_cpt.model.families import get_family
+
     if isinstance(config, (str, os.PathLike)):
         path = Path(config)
         if path.is_dir():
@@ -231,19 +241,20 @@ def from_hf_config(
     elif not isinstance(config, dict):
         config = config.to_dict()
 
+    family = get_family(config.get("model_type", "llama"), source)
+
+    def get(key: str, default=None):
+        value = config.get(key)
+        return family.DEFAULTS.get(key, default) if value is None else value
+
     def need(key: str):
-        if key not in config or config[key] is None:
-            raise UserError(f"{source}: missing field '{key}' (not a Llama config?)")
+        if config.get(key) is None:
+            raise UserError(f"{source}: missing field '{key}' (not a {family.MODEL_TYPE} config?)")
         return config[key]
 
-    model_type = config.get("model_type", "llama")
-    if model_type not in ("llama", "mistral"):
-        raise UserError(f"{source}: field 'model_type' is {model_type!r}; only Llama is supported")
-    refuse_sliding_window(config, source)
-    if config.get("attention_bias") or config.get("mlp_bias"):
-        raise UserError(f"{source}: biased Llama variants (attention_bias/mlp_bias) unsupported")
-    if config.get("hidden_act", "silu") != "silu":
+    if get("hidden_act", "silu") != "silu":
         raise UserError(f"{source}: field 'hidden_act' must be 'silu'")
+    family_fields = family.arch_fields(config, source)
 
     rope = config.get("rope_parameters") or {}
     scaling = config.get("rope_scaling") or (rope if rope.get("rope_type") == "llama3" else None)
@@ -264,12 +275,12 @@ def from_hf_config(
             )
     heads = int(need("num_attention_heads"))
     hidden = int(need("hidden_size"))
-    head_dim = config.get("head_dim")
+    head_dim = get("head_dim")
     custom = config.get(MEGATRON_ONLY_KEY) or {}
     if custom and not megatron_only:
         raise UserError(
             f"{source}: field '{MEGATRON_ONLY_KEY}' ({', '.join(custom)}) describes a model "
-            "that is not a Llama; HF models cannot load it"
+            "that no HF family expresses; HF models cannot load it"
         )
     known = {name for name, _ in LlamaArch._LLAMA_CHOICES}
     for key in custom:
@@ -282,62 +293,31 @@ def from_hf_config(
         num_attention_heads=heads,
         num_query_groups=int(config.get("num_key_value_heads") or heads),
         vocab_size=int(need("vocab_size")),
-        max_position_embeddings=int(config.get("max_position_embeddings", 8192)),
+        max_position_embeddings=int(get("max_position_embeddings", 2048)),
         rope_theta=float(theta),
         rope_scaling=rope_scaling,
-        norm_eps=float(config.get("rms_norm_eps", 1e-5)),
+        norm_eps=float(get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
         head_dim=None if head_dim in (None, hidden // heads) else int(head_dim),
+        family=family.MODEL_TYPE,
         extra={k: config[k] for k in _EXTRA_KEYS if config.get(k) is not None},
+        **family_fields,
         **custom,
     ).validate()
 
 
-_LLAMA3_8B = LlamaArch(
-    num_layers=32,
-    hidden_size=4096,
-    ffn_hidden_size=14336,
-    num_attention_heads=32,
-    num_query_groups=8,
-    vocab_size=128256,
-    max_position_embeddings=8192,
-    rope_theta=500000.0,
-    norm_eps=1e-5,
-)
+def _presets() -> dict[str, LlamaArch]:
+    """Every family's presets (published ``config.json`` values) as architectures."""
+    from megatron_cpt.model.families import FAMILIES
 
-PRESETS: dict[str, LlamaArch] = {
-    # meta-llama/Meta-Llama-3-8B config.json
-    "llama3-8b": _LLAMA3_8B,
-    # meta-llama/Meta-Llama-3-70B config.json
-    "llama3-70b": _LLAMA3_8B.replace(
-        num_layers=80, hidden_size=8192, ffn_hidden_size=28672, num_attention_heads=64
-    ),
-    # meta-llama/Llama-3.1-8B: same shapes, 128k context through llama3 RoPE scaling
-    "llama3.1-8b": _LLAMA3_8B.replace(
-        max_position_embeddings=131072, rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192)
-    ),
-    "llama3.1-70b": _LLAMA3_8B.replace(
-        num_layers=80,
-        hidden_size=8192,
-        ffn_hidden_size=28672,
-        num_attention_heads=64,
-        max_position_embeddings=131072,
-        rope_scaling=RopeScaling(8.0, 1.0, 4.0, 8192),
-    ),
-    # HuggingFaceTB/SmolLM2-135M(-Instruct) config.json
-    "smollm2-135m": LlamaArch(
-        num_layers=30,
-        hidden_size=576,
-        ffn_hidden_size=1536,
-        num_attention_heads=9,
-        num_query_groups=3,
-        vocab_size=49152,
-        max_position_embeddings=8192,
-        rope_theta=100000.0,
-        norm_eps=1e-5,
-        tie_word_embeddings=True,
-    ),
-}
+    return {
+        name: from_hf_config(dict(config), source=f"preset {name}")
+        for family in FAMILIES.values()
+        for name, config in family.PRESETS.items()
+    }
+
+
+PRESETS: dict[str, LlamaArch] = _presets()
 
 
 def get_arch(name_or_path: str) -> LlamaArch:

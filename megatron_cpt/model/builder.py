@@ -116,7 +116,8 @@ def build_transformer_config(arch: LlamaArch, build: ModelBuildConfig | None = N
         gated_linear_unit=arch.swiglu,
         activation_func=F.silu if arch.swiglu else F.gelu,
         add_bias_linear=arch.add_bias_linear,
-        add_qkv_bias=arch.add_bias_linear,
+        add_qkv_bias=arch.add_bias_linear or arch.qkv_bias,  # Qwen2: q/k/v biases only
+        qk_layernorm=arch.qk_norm,  # Qwen3: the spec's norm over each q/k head
         hidden_dropout=build.hidden_dropout,
         attention_dropout=build.attention_dropout,
         init_method_std=build.init_method_std,
@@ -155,12 +156,17 @@ def build_transformer_config(arch: LlamaArch, build: ModelBuildConfig | None = N
 
 
 def layer_spec(build: ModelBuildConfig, arch: LlamaArch | None = None):
+    """Transformer Engine's spec when TE is used, else megatron-core's local one with the
+    arch's norm; ``arch.qk_norm`` adds a per-head norm on queries and keys before RoPE (Qwen3)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
+    qk_norm = arch.qk_norm if arch is not None else False
     if use_te(build):
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
     normalization = arch.normalization if arch is not None else "RMSNorm"
-    return gpt_layer_specs.get_gpt_layer_local_spec(normalization=normalization)
+    return gpt_layer_specs.get_gpt_layer_local_spec(
+        normalization=normalization, qk_layernorm=qk_norm
+    )
 
 
 def build_model(

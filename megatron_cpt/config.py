@@ -106,6 +106,14 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--fp8-format", default=None, choices=["e4m3", "hybrid"])
     g.add_argument("--recompute-activations", action="store_true")
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "flash", "fused", "unfused", "local"],
+        help="core attention (Megatron-LM's choices). Without Transformer Engine: auto = PyTorch "
+        "SDPA (flash/cuDNN kernels on a GPU, the fused kernel on a CPU), flash / fused = SDPA "
+        "restricted to those GPU kernels, unfused / local = megatron-core's DotProductAttention",
+    )
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument(
         "--max-nan-skips",

@@ -139,6 +139,7 @@ def build_settings(args: argparse.Namespace) -> dict:
         recompute_activations=args.recompute_activations,
         init_method_std=args.init_method_std,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        attention_backend=args.attention_backend,
     )
     validate_parallelism(arch, build, world)
     if args.bf16 and not platform.has_cuda():

@@ -96,6 +96,14 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def memory_in_use_bytes() -> int:
+    """Memory this process holds now: CUDA allocator bytes on a GPU, resident set on a CPU."""
+    if has_cuda():
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def memory_kind() -> str:
     """What ``peak_memory_bytes`` measures, for benchmark output."""
     return "GPU allocated" if has_cuda() else "process RSS"

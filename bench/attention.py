@@ -5,7 +5,8 @@ and loss parity of a forward + backward pass of a real model shape.
 For each sequence length, each backend runs in its own child process (so that its peak memory
 is its own): the same GPTModel (same seed, so the same weights), the same random tokens,
 ``--warmup`` then ``--steps`` timed forward+backward passes (no optimizer: attention is the
-variable). Printed per length: ms per pass for each, the speed-up, peak memory above the
+variable). Printed per length: ms per pass for each (wall; the JSON also has CPU ms, steadier
+on a shared box), the speed-up, peak memory above the
 model-and-gradients baseline (activations), and the first loss of each side (same weights,
 same tokens: they must agree to rounding).
 
@@ -67,13 +68,14 @@ def run_side(args) -> None:
     for _ in range(args.warmup):
         step()
     platform.synchronize()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         step()
     platform.synchronize()
     seconds = (time.perf_counter() - start) / args.steps
+    cpu_seconds = (time.process_time() - cpu) / args.steps
     peak = platform.peak_memory_bytes()
-    result = dict(ms=1000 * seconds, first_loss=losses[0], activations_bytes=peak - baseline,
+    result = dict(ms=1000 * seconds, cpu_ms=1000 * cpu_seconds, first_loss=losses[0], activations_bytes=peak - baseline,
                   peak_bytes=peak)  # fmt: skip
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -112,6 +114,7 @@ def main() -> None:
         r = {b: _child(b, seq) for b in BACKENDS}
         s, u = r["auto"], r["unfused"]
         rows.append(dict(seq_length=seq, sdpa=s, unfused=u, speedup=u["ms"] / s["ms"],
+                         speedup_cpu_time=u["cpu_ms"] / s["cpu_ms"],
                          loss_diff=abs(s["first_loss"] - u["first_loss"])))  # fmt: skip
         print(f"{seq:>6} {s['ms']:>9.1f} {u['ms']:>10.1f} {u['ms'] / s['ms']:>7.2f}x "
               f"{s['activations_bytes'] / 2**30:>12.3f} {u['activations_bytes'] / 2**30:>15.3f} "

@@ -199,6 +199,14 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
     g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
     g.add_argument("--recompute-num-layers", type=int, default=None)
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "flash", "fused", "unfused", "local"],
+        help="core attention (Megatron-LM's choices). Without Transformer Engine: auto = PyTorch "
+        "SDPA (flash/cuDNN kernels on a GPU, the fused kernel on a CPU), flash / fused = SDPA "
+        "restricted to those GPU kernels, unfused / local = megatron-core's DotProductAttention",
+    )
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument(
         "--exit-duration-in-mins",
@@ -769,6 +777,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         ),
         init_method_std=args.init_method_std,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+        attention_backend=args.attention_backend,
         use_transformer_engine=use_te,
     )
     validate_parallelism(arch, build, world)

@@ -104,6 +104,51 @@ def supports_bf16() -> bool:
     return has_cuda() and torch.cuda.is_bf16_supported()
 
 
+def sdpa_kernels(kernels):
+    """Restrict ``F.scaled_dot_product_attention`` to ``kernels`` (``SDPBackend`` members) on a
+    GPU, where flash / cuDNN / memory-efficient kernels compete. A CPU has one fused kernel
+    (plus the math fallback), so there is nothing to choose: no restriction there."""
+    if not kernels or not has_cuda():
+        return contextlib.nullcontext()
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(list(kernels))
+
+
+def sdpa_kernel_dtypes_restricted() -> bool:
+    """True where SDPA's flash kernel exists only for fp16/bf16 (CUDA); the CPU's takes fp32."""
+    return has_cuda()
+
+
+def reset_peak_memory() -> None:
+    """Start a new peak-memory window (GPU allocator); a CPU process's peak RSS cannot be reset."""
+    if has_cuda():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_bytes() -> int:
+    """Peak memory of this process: bytes the CUDA allocator held at most since the last
+    ``reset_peak_memory`` on a GPU, the peak resident set size (whole process life) on a CPU."""
+    if has_cuda():
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def memory_in_use_bytes() -> int:
+    """Memory this process holds now: CUDA allocator bytes on a GPU, resident set on a CPU."""
+    if has_cuda():
+        return torch.cuda.memory_allocated()
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def memory_kind() -> str:
+    """What ``peak_memory_bytes`` measures, for benchmark output."""
+    return "GPU allocated" if has_cuda() else "process RSS"
+
+
 def synchronize() -> None:
     """Wait for queued kernels (for honest timings); nothing to wait for on a CPU."""
     if has_cuda():

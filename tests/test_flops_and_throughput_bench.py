@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 
 from megatron_cpt.flops import matmul_params_per_layer, training_flops_per_token
@@ -41,16 +40,29 @@ def test_flops_per_token_counts_attention_over_the_full_sequence():
     assert training_flops_per_token(arch, 128, padded_vocab=1024) - f128 == 6 * 96 * 24
 
 
-def test_throughput_bench_runs_tiny_on_cpu(tmp_path):
-    pytest.importorskip("llama_models")
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
-    out = subprocess.run(
-        [sys.executable, str(REPO / "bench/train_throughput.py"), "--model", "tiny",
-         "--seq-length", "32", "--warmup", "1", "--steps", "1"],
-        capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600,
+def test_gpu_check_steps_run_tiny_on_cpu(tmp_path, llama3_tokenizer_model):
+    """bench/gpu_check.sh --cpu-smoke: every step of the one-shot GPU check (device report,
+    5 training steps, save/resume exactness, ours vs HF throughput, SDPA vs unfused) runs in
+    tiny form, and the log and the JSON of results are written."""
+    out = tmp_path / "check"
+    env = dict(os.environ, TOKENIZER_MODEL=str(llama3_tokenizer_model), PYTHON=sys.executable)
+    proc = subprocess.run(
+        ["bash", str(REPO / "bench/gpu_check.sh"), str(out), "--cpu-smoke"],
+        capture_output=True, text=True, env=env, timeout=1800,
     )  # fmt: skip
-    assert out.returncode == 0, out.stderr[-2000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    results = json.loads((out / "results.json").read_text())
+    steps = {s["name"]: s for s in results["steps"]}
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-2000:], results)
+    assert list(steps) == ["device", "bf16_steps", "distopt_resume", "throughput", "sdpa"]
+    assert all(s["status"] == "ok" for s in steps.values())
+    assert steps["device"]["result"]["megatron_core"] == "0.16.1"
+    assert len(steps["bf16_steps"]["result"]["losses"]) == 5
+    assert steps["distopt_resume"]["result"]["exact"]
+    tp = steps["throughput"]["result"]
     for side in ("hf", "ours"):
-        assert result[side]["tokens_per_s"] > 0 and result[side]["mfu"] is None  # no CPU peak
-    assert "ratio ours/hf:" in out.stdout
+        assert tp[side]["tokens_per_s"] > 0 and tp[side]["peak_memory_gib"] > 0
+        assert tp[side]["mfu"] is None  # no CPU peak FLOP/s
+    assert tp["ratio"] > 0
+    (row,) = steps["sdpa"]["result"]["rows"]
+    assert row["loss_diff"] <= 1e-4 and row["sdpa"]["ms"] > 0
+    assert "===== step sdpa =====" in (out / "gpu_check.log").read_text()

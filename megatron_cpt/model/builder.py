@@ -4,9 +4,10 @@ The mapping is the whole of "what makes a GPTModel a Llama": RMSNorm, SwiGLU (ga
 with SiLU), no biases, grouped-query attention, RoPE with the checkpoint's base (and Llama-3.1
 frequency scaling), and tied or untied output embeddings. A flags-only Megatron-LM model may
 choose otherwise (LayerNorm, GeLU MLP, biases, learned absolute positions, partial RoPE); each
-``LlamaArch`` choice maps onto the megatron-core option of the same name. The layer spec is Transformer Engine's
-on a GPU when TE imports (fused kernels, FP8), megatron-core's local one otherwise; both produce
-the same parameter names for dist_checkpointing, so checkpoints move between them.
+``LlamaArch`` choice maps onto the megatron-core option of the same name. The layer spec is
+Transformer Engine's on a GPU when TE imports (fused kernels, FP8), megatron-core's local one
+otherwise, with PyTorch SDPA as its core attention by default (``sdpa_attention.py``); all
+produce the same parameter names for dist_checkpointing, so checkpoints move between them.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ class ModelBuildConfig:
     make_vocab_size_divisible_by: int = 128
     use_transformer_engine: bool | None = None  # None: when it imports (GPU only)
     pipeline_dtype: torch.dtype | None = None
+    # Megatron-LM's --attention-backend (megatron-core's AttnBackend names); see core_attention.
+    attention_backend: str = "auto"
+
+
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
 
 
 def validate_parallelism(arch: LlamaArch, build: ModelBuildConfig, world_size: int) -> None:
@@ -85,6 +91,18 @@ def validate_parallelism(arch: LlamaArch, build: ModelBuildConfig, world_size: i
         raise UserError("--sequence-parallel needs Transformer Engine (a GPU with TE installed)")
     if build.fp8_format and not use_te(build):
         raise UserError("--fp8-format needs Transformer Engine (a GPU with TE installed)")
+    if build.attention_backend not in ATTENTION_BACKENDS:
+        raise UserError(
+            f"--attention-backend must be one of {', '.join(ATTENTION_BACKENDS)}, "
+            f"got {build.attention_backend!r}"
+        )
+    if (
+        build.attention_backend == "flash"
+        and not build.bf16
+        and not use_te(build)
+        and platform.sdpa_kernel_dtypes_restricted()
+    ):
+        raise UserError("--attention-backend flash needs --bf16 (flash kernels are bf16/fp16 only)")
     if build.fp8_format not in (None, "e4m3", "hybrid"):
         raise UserError(f"--fp8-format must be e4m3 or hybrid, got {build.fp8_format!r}")
 
@@ -150,23 +168,64 @@ def build_transformer_config(arch: LlamaArch, build: ModelBuildConfig | None = N
             kwargs.update(fp8_amax_history_len=build.fp8_amax_history_len)
         if build.fp8_amax_compute_algo:
             kwargs.update(fp8_amax_compute_algo=build.fp8_amax_compute_algo)
+    if use_te(build):
+        # TE reads the choice from the config (it sets NVTE_* accordingly). Without TE the value
+        # stays "auto": the choice is made in the layer spec, and megatron-core asserts that
+        # NVTE_* never change within a process, which building both kinds (tests) would do.
+        from megatron.core.transformer.enums import AttnBackend
+
+        kwargs.update(attention_backend=AttnBackend[build.attention_backend])
     kwargs.update(platform.model_config_overrides())
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
 
 
+def core_attention(build: ModelBuildConfig) -> type | None:
+    """The core-attention module for ``--attention-backend``, or None to keep the spec's own.
+
+    With TE: its attention, which picks flash / fused (cuDNN) / unfused from the config;
+    ``local`` is megatron-core's own unfused ``DotProductAttention``, as in Megatron-LM.
+    Without TE: ``auto`` is ``SDPAttention`` (PyTorch's choice of kernel), ``flash`` and
+    ``fused`` restrict it to the flash resp. cuDNN / memory-efficient kernels (on a GPU; a
+    CPU has one fused kernel), and ``unfused`` / ``local`` are ``DotProductAttention``.
+    """
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    name = build.attention_backend
+    if use_te(build):
+        return DotProductAttention if name == "local" else None
+    if name in ("unfused", "local"):
+        return DotProductAttention
+    from torch.nn.attention import SDPBackend
+
+    from megatron_cpt.model.sdpa_attention import SDPAttention
+
+    kernels = {
+        "auto": None,
+        "flash": (SDPBackend.FLASH_ATTENTION,),
+        "fused": (SDPBackend.CUDNN_ATTENTION, SDPBackend.EFFICIENT_ATTENTION),
+    }[name]
+    return SDPAttention.with_kernels(kernels)
+
+
 def layer_spec(build: ModelBuildConfig, arch: LlamaArch | None = None):
     """Transformer Engine's spec when TE is used, else megatron-core's local one with the
-    arch's norm; ``arch.qk_norm`` adds a per-head norm on queries and keys before RoPE (Qwen3)."""
+    arch's norm; ``arch.qk_norm`` adds a per-head norm on queries and keys before RoPE (Qwen3);
+    the core attention follows ``--attention-backend`` (``core_attention``)."""
     from megatron.core.models.gpt import gpt_layer_specs
 
     qk_norm = arch.qk_norm if arch is not None else False
     if use_te(build):
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
-    normalization = arch.normalization if arch is not None else "RMSNorm"
-    return gpt_layer_specs.get_gpt_layer_local_spec(
-        normalization=normalization, qk_layernorm=qk_norm
-    )
+        spec = gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_norm)
+    else:
+        normalization = arch.normalization if arch is not None else "RMSNorm"
+        spec = gpt_layer_specs.get_gpt_layer_local_spec(
+            normalization=normalization, qk_layernorm=qk_norm
+        )
+    attention = core_attention(build)
+    if attention is not None:  # the spec objects are built fresh per call: safe to edit
+        spec.submodules.self_attention.submodules.core_attention = attention
+    return spec
 
 
 def build_model(

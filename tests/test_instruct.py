@@ -141,3 +141,45 @@ def test_instruct_prompt_through_backend_template(smollm2_gguf, smol_tokenizer):
         [{"role": "user", "content": content}], tokenize=False, add_generation_prompt=True
     )
     assert text.endswith("Sentence: Sales fell 5 %.<|im_end|>\n<|im_start|>assistant\n")
+
+
+SIMPLE_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant: {% endif %}"
+)
+
+
+def test_cli_runs_instruct_and_tatqa_axes(tmp_path, shared_data, capsys):
+    """tools/evaluate.py --instruct --tatqa end to end on a tiny Llama given a chat template."""
+    import json as _json
+
+    from tests.test_eval_scoring import load_tool, make_tiny_llama
+
+    model_dir = make_tiny_llama(tmp_path / "tiny")
+    config = _json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["chat_template"] = SIMPLE_TEMPLATE
+    (model_dir / "tokenizer_config.json").write_text(_json.dumps(config))
+    out = tmp_path / "r.json"
+    args = ["--hf", str(model_dir), "--instruct", "fpb,headlines", "--instruct-limit", "6",
+            "--tatqa", "--tatqa-limit", "3", "--tatqa-shots", "1", "--output", str(out)]  # fmt: skip
+    assert load_tool("evaluate").main(args) == 0
+    result = _json.loads(out.read_text())
+    assert set(result["instruct"]) == {"fpb", "headlines"}
+    for row in result["instruct"].values():
+        assert row["samples"] == 6
+        assert 0 <= row["acc_ll"] <= 1 and 0 <= row["invalid_rate"] <= 1
+        assert row["chat_nll"] > 0 and abs(row["chat_ppl"] - math.exp(row["chat_nll"])) < 1e-6
+        # an invalid answer is never right: accuracy of answers <= share of valid answers
+        assert row["acc_gen"] <= 1 - row["invalid_rate"] + 1e-9
+    qa = result["tatqa"]
+    assert qa["samples"] == 3 and qa["num_fewshot"] == 1
+    assert sum(v["samples"] for v in qa["by_type"].values()) == 3
+    assert "fpb (chat)" in capsys.readouterr().out
+    # a model without a chat template: one line naming the model
+    plain = make_tiny_llama(tmp_path / "plain")
+    from megatron_cpt.errors import UserError
+
+    with pytest.raises(UserError, match="no chat template"):
+        load_tool("evaluate").main(["--hf", str(plain), "--instruct", "fpb", "--instruct-limit",
+                                    "2", "--output", str(tmp_path / "x.json")])  # fmt: skip
+    assert not (tmp_path / "x.json").exists()

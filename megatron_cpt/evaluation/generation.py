@@ -21,6 +21,7 @@ test "KV-cached equals uncached, token for token" compares like with like.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -72,6 +73,11 @@ def supports_kv_cache(backend: Backend) -> bool:
     return model is not None and hasattr(model, "generation_config") and hasattr(model, "config")
 
 
+def _cache_of(out):
+    cache = getattr(out, "past_key_values", None)
+    return cache if cache is not None else getattr(out, "cache", None)
+
+
 @torch.inference_mode()
 def _cached_batch(backend, batch: list[GenRequest], eos_id: int | None) -> list[list[int]]:
     """One left-padded batch through an HF causal LM with its KV cache."""
@@ -89,7 +95,11 @@ def _cached_batch(backend, batch: list[GenRequest], eos_id: int | None) -> list[
     out = model(
         input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1
     )
-    past = out.past_key_values
+    past = _cache_of(out)
+    # transformers >= 5.2x names the forward argument ``cache`` (``past_key_values`` deprecated)
+    cache_kw = (
+        "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    )
     nxt = out.logits[:, -1].float().argmax(-1)
     stops = [_stopper(backend.tokenizer.decode, r.until) for r in batch]
     produced: list[list[int]] = [[] for _ in batch]
@@ -114,10 +124,10 @@ def _cached_batch(backend, batch: list[GenRequest], eos_id: int | None) -> list[
             input_ids=nxt[:, None],
             attention_mask=mask,
             position_ids=positions,
-            past_key_values=past,
             use_cache=True,
+            **{cache_kw: past},
         )
-        past = out.past_key_values
+        past = _cache_of(out)
         nxt = out.logits[:, -1].float().argmax(-1)
     return produced
 

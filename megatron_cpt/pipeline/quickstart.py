@@ -62,8 +62,8 @@ class QuickstartConfig:
     eval_docs: int = 24  # held-out documents per set ...
     eval_chars: int = 2000  # ... each cut at this many characters (~500 tokens)
     eval_seq_length: int = 256
-    instruct_items: int = 100  # per chat-instruction task (x3 tasks), fixed seed; 0 = skip
-    tatqa_questions: int = 40  # TAT-QA questions, fixed seed; 0 = skip
+    instruct_items: int = 25  # per chat-instruction task (x3 tasks), fixed seed; 0 = skip
+    tatqa_questions: int = 12  # TAT-QA questions, fixed seed; 0 = skip
     tatqa_shots: int = 1
     workers: int = 2
 

@@ -45,6 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-seq-length", type=int, default=d.eval_seq_length)
     p.add_argument("--merge-density", type=float, default=d.merge_density)
     p.add_argument("--merge-weight", type=float, default=d.merge_weight)
+    p.add_argument(
+        "--instruct-items",
+        type=int,
+        default=d.instruct_items,
+        help="items per chat-instruction task (FPB, FiQA-SA, Headlines); 0 = skip",
+    )
+    p.add_argument(
+        "--tatqa-questions",
+        type=int,
+        default=d.tatqa_questions,
+        help="TAT-QA questions (fixed seed); 0 = skip",
+    )
+    p.add_argument("--tatqa-shots", type=int, default=d.tatqa_shots)
     args = p.parse_args(argv)
     cfg = dataclasses.replace(d, **vars(args))
     start = time.perf_counter()

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Evaluate one HF or Megatron checkpoint: perplexity + bits-per-byte on JSONL sets, lm-eval tasks.
+"""Evaluate one HF or Megatron checkpoint: perplexity + bits-per-byte on JSONL sets, lm-eval tasks,
+chat-template instruction following (--instruct) and TAT-QA numeric QA (--tatqa).
 
 Examples:
   tools/evaluate.py --hf SmolLM2-135M-Instruct.Q4_1.gguf \\
       --data sec=../shared/data/domain/annual_reports.jsonl \\
       --data wiki=../shared/data/general/wikitext2.jsonl --max-docs 50 --seq-length 1024 \\
-      --tasks finance --limit 200 --output base.json
+      --tasks finance --limit 200 --instruct --tatqa --output base.json
   tools/evaluate.py --megatron runs/cpt/checkpoints --data sec=held_out.jsonl --output cpt.json
 """
 
@@ -16,6 +17,7 @@ import sys
 
 from megatron_cpt.cli import run
 from megatron_cpt.evaluation.backend import BackendSpec
+from megatron_cpt.evaluation.instruct import InstructConfig
 from megatron_cpt.evaluation.perplexity import PerplexityConfig
 from megatron_cpt.evaluation.results import write_json_atomic
 from megatron_cpt.evaluation.run import (
@@ -26,6 +28,7 @@ from megatron_cpt.evaluation.run import (
     summary_lines,
 )
 from megatron_cpt.evaluation.tasks_runner import TasksConfig
+from megatron_cpt.evaluation.tatqa_task import TatqaConfig
 from megatron_cpt.output_paths import check_output_file
 
 
@@ -86,6 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
         help="dir with fpb.jsonl, fiqasa_*.jsonl, headlines.jsonl "
         "(default $MEGATRON_CPT_FINANCE_DATA or ../shared/data/tasks)",
     )
+    i = p.add_argument_group("instruction following (zero-shot, the model's chat template)")
+    i.add_argument(
+        "--instruct",
+        nargs="?",
+        const="fpb,fiqasa,headlines",
+        metavar="TASKS",
+        help="FPB/FiQA-SA/Headlines as chat instructions: label log-likelihood, parsed "
+        "generation (+ invalid-answer rate), chat-format NLL (default: all three)",
+    )
+    i.add_argument("--instruct-limit", type=int, default=200, help="items per task (fixed seed)")
+    q = p.add_argument_group("TAT-QA numeric QA (k-shot generation)")
+    q.add_argument("--tatqa", action="store_true", help="run TAT-QA: EM/F1 per answer type")
+    q.add_argument("--tatqa-data", help="tatqa_dev.jsonl (default ../shared/data/tasks)")
+    q.add_argument("--tatqa-limit", type=int, default=100, help="questions (fixed seed)")
+    q.add_argument("--tatqa-shots", type=int, default=2, help="solved examples per prompt")
+    q.add_argument("--seed", type=int, default=1234, help="sampling seed of --instruct/--tatqa")
     p.add_argument("--output", "-o", help="results JSON (written atomically)")
     return p
 
@@ -123,6 +142,24 @@ def main(argv: list[str] | None = None) -> int:
             data_dir=args.task_data_dir,
         )
         if args.tasks
+        else None,
+        instruct=InstructConfig(
+            tasks=[x for x in args.instruct.split(",") if x],
+            limit=args.instruct_limit,
+            seed=args.seed,
+            data_dir=args.task_data_dir,
+            batch_size=args.batch_size,
+        )
+        if args.instruct
+        else None,
+        tatqa=TatqaConfig(
+            path=args.tatqa_data,
+            limit=args.tatqa_limit,
+            num_fewshot=args.tatqa_shots,
+            seed=args.seed,
+            batch_size=args.batch_size,
+        )
+        if args.tatqa
         else None,
     )
     result = run_evaluation(cfg)

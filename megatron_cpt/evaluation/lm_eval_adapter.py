@@ -14,7 +14,6 @@ Use from the lm-eval CLI (after ``import megatron_cpt.evaluation.lm_eval_adapter
 
 from __future__ import annotations
 
-import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import (
@@ -22,10 +21,10 @@ from lm_eval.models.utils import (
     normalize_gen_kwargs,
     postprocess_generated_text,
 )
-from tqdm import tqdm
 
 from megatron_cpt.errors import UserError
 from megatron_cpt.evaluation.backend import Backend, BackendSpec, load_backend
+from megatron_cpt.evaluation.generation import GenRequest, greedy_generate
 from megatron_cpt.evaluation.perplexity import rolling_requests
 from megatron_cpt.evaluation.scoring import ScoreRequest, score_requests
 
@@ -39,7 +38,7 @@ def _as_int(value, name: str) -> int:
 
 @register_model("megatron-cpt", "megatron_cpt")
 class MegatronCPTLM(TemplateLM):
-    """Greedy, batched, KV-cache-free evaluation through a :class:`Backend`."""
+    """Greedy, batched evaluation through a :class:`Backend` (generation KV-cached on HF)."""
 
     def __init__(
         self,
@@ -159,36 +158,35 @@ class MegatronCPTLM(TemplateLM):
         return totals
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy, batched, with stop sequences; KV-cached on HF backends (see generation.py)."""
         eos_text = self.tok_decode([self.eot_token_id])
-        out: list[str] = []
-        for request in tqdm(requests, desc="generate_until", disable=disable_tqdm):
+        gen: list[GenRequest] = []
+        stops: list[list[str]] = []
+        for request in requests:
             context, gen_kwargs = request.args
             kwargs = normalize_gen_kwargs(dict(gen_kwargs), self.max_gen_toks)
             if kwargs.get("do_sample"):
                 raise UserError("megatron-cpt generates greedily only; set do_sample=false")
             until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
-            text = self._greedy(context, until, kwargs["max_gen_toks"])
+            max_new = int(kwargs["max_gen_toks"])
+            budget = self.max_length - max_new
+            if budget < 1:
+                raise UserError(
+                    f"max_gen_toks {max_new} leaves no room for context in {self.max_length}"
+                )
+            ids = self.tok_encode(context)[-budget:] or [self.prefix_token_id]
+            gen.append(GenRequest(ids, max_new, tuple(until)))
+            stops.append(until)
+        tokens = greedy_generate(
+            self.backend_impl,
+            gen,
+            eos_id=self.eot_token_id,
+            batch_size=self.batch_size,
+            desc=None if disable_tqdm else "generate_until",
+        )
+        out: list[str] = []
+        for request, ids, until in zip(requests, tokens, stops):
+            text = postprocess_generated_text(self.tok_decode(ids), until, None)
             out.append(text)
             self.cache_hook.add_partial("generate_until", request.args, text)
         return out
-
-    @torch.inference_mode()
-    def _greedy(self, context: str, until: list[str], max_new: int) -> str:
-        """Greedy decoding by full re-forward: the backend seam has no KV cache, by design."""
-        budget = self.max_length - max_new
-        if budget < 1:
-            raise UserError(
-                f"max_gen_toks {max_new} leaves no room for context in {self.max_length}"
-            )
-        ids = self.tok_encode(context)[-budget:] or [self.prefix_token_id]
-        start = len(ids)
-        for _ in range(max_new):
-            logits = self.backend_impl.logits(torch.tensor([ids], dtype=torch.long))
-            nxt = int(logits[0, -1].argmax())
-            if nxt == self.eot_token_id:
-                break
-            ids.append(nxt)
-            text = self.tok_decode(ids[start:])
-            if any(stop and stop in text for stop in until):
-                break
-        return postprocess_generated_text(self.tok_decode(ids[start:]), until, None)

@@ -361,7 +361,7 @@ def comparison_rows(
     sets = _ordered_keys(m["perplexity"] for _, m in models)
     for group in ("domain", "general"):
         members = [s for s in sets if is_general(s, cfg.general) == (group == "general")]
-        if members:
+        if len(members) > 1:  # a summary of one set would repeat that set's rows
             rows.append((f"**{group} bpb** (mean of {len(members)} set(s))", "bpb",
                          [_mean([m["perplexity"].get(s, {}).get("bpb") for s in members]) for _, m in models]))  # fmt: skip
             rows.append((f"**{group} ppl** (geo-mean)", "ppl",
@@ -475,6 +475,9 @@ def build_report(cfg: ReportConfig) -> Path:
                 md += _run_summary(run, cfg)
         if models:
             md += _comparison_section(models, tmp, cfg)
+            from megatron_cpt.evaluation.report_tasks import instruct_section
+
+            md += instruct_section(models, tmp, cfg.dpi)
         md += [
             "---",
             f"General (replay) sets are those matching: `{', '.join(cfg.general)}`; all others "

@@ -57,8 +57,8 @@ def load_results(path: str | Path) -> dict:
     tasks = obj.get("tasks", {})
     if not isinstance(ppl, dict) or not isinstance(tasks, dict):
         raise UserError(f"{path}: 'perplexity' and 'tasks' must be objects")
-    if not ppl and not tasks:
-        raise UserError(f"{path}: has neither 'perplexity' nor 'tasks' results")
+    if not ppl and not tasks and not obj.get("instruct") and not obj.get("tatqa"):
+        raise UserError(f"{path}: has no 'perplexity', 'tasks', 'instruct' or 'tatqa' results")
     for name, row in ppl.items():
         for field in SET_FIELDS:
             value = row.get(field) if isinstance(row, dict) else None

@@ -62,6 +62,9 @@ class QuickstartConfig:
     eval_docs: int = 24  # held-out documents per set ...
     eval_chars: int = 2000  # ... each cut at this many characters (~500 tokens)
     eval_seq_length: int = 256
+    instruct_items: int = 25  # per chat-instruction task (x3 tasks), fixed seed; 0 = skip
+    tatqa_questions: int = 12  # TAT-QA questions, fixed seed; 0 = skip
+    tatqa_shots: int = 1
     workers: int = 2
 
     def params(self) -> dict:
@@ -260,16 +263,23 @@ class Pipeline:
                                     data_dir / f"{name}_eval.jsonl", c.eval_docs, c.eval_chars)
             for name in ("domain", "general")
         }  # fmt: skip
+        axes: list[str | int] = []  # the instruction & TAT-QA axes (issue 16)
+        if c.instruct_items > 0:
+            axes += ["--instruct", "fpb,fiqasa,headlines", "--instruct-limit", c.instruct_items]
+        if c.tatqa_questions > 0:
+            axes += ["--tatqa", "--tatqa-limit", c.tatqa_questions, "--tatqa-shots", c.tatqa_shots]
         for label, model in evals.items():
             out = results / f"{label}.json"
             self.stage(
                 f"evaluate_{label}",
-                {"docs": c.eval_docs, "chars": c.eval_chars, "seq": c.eval_seq_length},
-                lambda out=out: self._check_eval(out),
+                {"docs": c.eval_docs, "chars": c.eval_chars, "seq": c.eval_seq_length,
+                 "instruct": c.instruct_items, "tatqa": c.tatqa_questions,
+                 "tatqa_shots": c.tatqa_shots},  # fmt: skip
+                lambda out=out: self._check_eval(out, c.instruct_items > 0, c.tatqa_questions > 0),
                 lambda model=model, out=out, label=label: self.tool(
                     "evaluate.py", "--hf", model, "--data", f"domain={eval_sets['domain']}",
                     "--data", f"general={eval_sets['general']}",
-                    "--seq-length", c.eval_seq_length, "--batch-size", 4,
+                    "--seq-length", c.eval_seq_length, "--batch-size", 4, *axes,
                     "--output", out, log=f"evaluate_{label}"),
             )  # fmt: skip
 
@@ -324,22 +334,36 @@ class Pipeline:
         self.tool("merge_models.py", path, merged_hf, "--overwrite", log="merge")
 
     @staticmethod
-    def _check_eval(path: Path) -> None:
+    def _check_eval(path: Path, instruct: bool = False, tatqa: bool = False) -> None:
         data = json.loads(path.read_text())
         text = json.dumps(data)
         for name in ("domain", "general"):
             if f'"{name}"' not in text:
                 raise UserError(f"{path}: no results for {name}")
+        for axis, wanted in (("instruct", instruct), ("tatqa", tatqa)):
+            if wanted and not data.get(axis):
+                raise UserError(f"{path}: no {axis} results")
 
     def summary(self, results: Path, evals: dict) -> dict:
-        """Held-out perplexity and bits-per-byte per model (evaluate.py's ``perplexity`` block)."""
-        table = {}
+        """Held-out perplexity and bits-per-byte per model (evaluate.py's ``perplexity`` block),
+        and the instruction (chat) / TAT-QA axes when they ran."""
+        table, axes = {}, {}
         for label in evals:
-            sets = json.loads((results / f"{label}.json").read_text())["perplexity"]
+            data = json.loads((results / f"{label}.json").read_text())
+            sets = data["perplexity"]
             table[label] = {n: {"ppl": sets[n]["ppl"], "bpb": sets[n]["bpb"]}
                             for n in ("domain", "general")}  # fmt: skip
+            row = {f"{t}_{k}": v[k] for t, v in data.get("instruct", {}).items()
+                   for k in ("acc_ll", "acc_gen", "invalid_rate", "chat_nll")}  # fmt: skip
+            if data.get("tatqa"):
+                row.update(tatqa_em=data["tatqa"]["em"], tatqa_f1=data["tatqa"]["f1"])
+            axes[label] = row
         print("\nheld-out          domain ppl  general ppl   domain bpb  general bpb")
         for label, row in table.items():
             d, g = row["domain"], row["general"]
             print(f"  {label:<14}{d['ppl']:12.3f}{g['ppl']:13.3f}{d['bpb']:13.4f}{g['bpb']:13.4f}")
-        return {"heldout": table, "stage_seconds": self.timings, "config": self.cfg.params()}
+        for key in dict.fromkeys(k for row in axes.values() for k in row):
+            print(f"  {key:<24}" + "".join(f"{label} {axes[label].get(key, float('nan')):.3f}  "
+                                           for label in axes))  # fmt: skip
+        return {"heldout": table, "axes": axes, "stage_seconds": self.timings,
+                "config": self.cfg.params()}  # fmt: skip

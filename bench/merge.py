@@ -13,6 +13,8 @@ the Llama-3-SEC shape of the problem.
     python bench/merge.py --size 1b --methods ties,task_arithmetic,slerp   # ~1.2B params
     python bench/merge.py --size tiny                                     # seconds, smoke run
     python bench/merge.py --trim 20000000        # TIES threshold: radix select vs sort, alone
+    python bench/merge.py --size 200m --methods ties --floor   # + the read-once/write-once floor
+    MERGE_PROFILE=1 python bench/merge.py ...    # each child prints its cProfile top entries
     python bench/merge.py --size 1b --methods task_arithmetic --megatron
         # ours on Megatron checkpoints (converted from the same inputs) vs ours on HF: the
         # Megatron output is exported and compared with the HF output
@@ -41,7 +43,13 @@ METHOD_PARAMS = {
     "dare_linear": {"weight": 1.0, "density": 0.5},
     "task_arithmetic": {"weight": 0.7},
     "linear": {"weight": 0.5},
+    "breadcrumbs_ties": {"weight": 1.0, "density": 0.5, "gamma": 0.01},
+    "della": {"weight": 1.0, "density": 0.5, "epsilon": 0.1},
+    "sce": {},
+    "nearswap": {},
 }
+SHARED_PARAMS = {"nearswap": {"t": 0.001}, "sce": {"select_topk": 0.5}}
+RANDOM_METHODS = {"dare_ties", "dare_linear", "della", "della_linear"}
 
 
 def make_checkpoints(workdir: Path, size: str) -> tuple[Path, Path]:
@@ -121,15 +129,58 @@ def recipe(method: str, base: Path, cpt: Path) -> dict:
     if method == "linear":
         models.insert(0, {"model": str(base), "parameters": METHOD_PARAMS[method]})
         return {"merge_method": "linear", "models": models}
-    return {"merge_method": method, "base_model": str(base), "models": models}
+    out = {"merge_method": method, "base_model": str(base), "models": models}
+    if method in SHARED_PARAMS:
+        out["parameters"] = SHARED_PARAMS[method]
+    return out
+
+
+def floor_copy(raw: dict, out: str) -> None:
+    """The I/O floor of a two-input merge: read every tensor of every input once (the same
+    positioned reads the merge uses) and write one output of the base's size (the same streaming
+    writer), with no arithmetic."""
+    from megatron_cpt.safetensors_io import SafetensorsCheckpoint, StreamingSafetensorsWriter
+
+    paths = [raw["base_model"]] + [
+        m["model"] for m in raw["models"] if m["model"] != raw["base_model"]
+    ]
+    inputs = [SafetensorsCheckpoint(Path(p)) for p in paths]
+    base = inputs[0]
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True)
+    plan = [base.info(n) for n in base.names]
+    writer = StreamingSafetensorsWriter(out_dir, plan, 5 * 10**9)
+    for info in plan:
+        tensors = [ckpt.get(info.name) for ckpt in inputs]
+        writer.write(info.name, tensors[0])
+        del tensors
+    writer.close()
 
 
 def child(impl: str, config_path: str, out: str) -> None:
-    """Runs inside the measured subprocess."""
+    """Runs inside the measured subprocess (``MERGE_PROFILE=1``: cProfile's top entries)."""
     import yaml
 
     raw = yaml.safe_load(Path(config_path).read_text())
-    if impl == "ours":
+    if os.environ.get("MERGE_PROFILE"):
+        import cProfile
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        try:
+            _child(impl, raw, out)
+        finally:
+            profiler.disable()
+            pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(12)
+        return
+    _child(impl, raw, out)
+
+
+def _child(impl: str, raw: dict, out: str) -> None:
+    if impl == "floor":
+        floor_copy(raw, out)
+    elif impl == "ours":
         from megatron_cpt.merge import MergeOptions, merge_checkpoints, parse_config
 
         merge_checkpoints(parse_config(raw), out, MergeOptions(progress=False, random_seed=0))
@@ -279,6 +330,11 @@ def main() -> None:
         action="store_true",
         help="merge Megatron conversions of the inputs, side by side with the HF merge",
     )
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also time the I/O floor: read the inputs and write one output, no arithmetic",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--make", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--compare", nargs=2, help=argparse.SUPPRESS)
@@ -311,16 +367,25 @@ def main() -> None:
     if args.megatron:
         megatron_rows(args, workdir, base, cpt)
         return
+    if args.floor:
+        config_path = workdir / "floor.yml"
+        config_path.write_text(yaml.safe_dump(recipe("task_arithmetic", base, cpt)))
+        floor_t, floor_m = measure("floor", config_path, workdir / "out-floor")
+        shutil.rmtree(workdir / "out-floor", ignore_errors=True)
+        print(f"I/O floor (read both inputs, write one output, no arithmetic): "
+              f"{floor_t:.1f} s, {floor_m:.2f} GiB")  # fmt: skip
     print(
         f"{'method':<16}{'ours s':>9}{'mergekit s':>12}{'speedup':>9}{'ours GiB':>10}"
-        f"{'mergekit GiB':>14}{'RSS ratio':>11}  outputs"
+        f"{'mergekit GiB':>14}{'RSS ratio':>11}"
+        + ("  ours/floor" if args.floor else "")
+        + "  outputs"
     )
     for method in args.methods.split(","):
         config_path = workdir / f"{method}.yml"
         config_path.write_text(yaml.safe_dump(recipe(method, base, cpt)))
         ours_t, ours_m = measure("ours", config_path, workdir / f"out-ours-{method}")
         mk_t, mk_m = measure("mergekit", config_path, workdir / f"out-mergekit-{method}")
-        if method.startswith("dare"):
+        if method in RANDOM_METHODS:
             same = "n/a (each draws its own random masks)"
         else:
             same = compare_in_child(
@@ -328,7 +393,9 @@ def main() -> None:
             )
         print(
             f"{method:<16}{ours_t:>9.1f}{mk_t:>12.1f}{mk_t / ours_t:>8.2f}x{ours_m:>10.2f}"
-            f"{mk_m:>14.2f}{mk_m / ours_m:>10.2f}x  {same}",
+            f"{mk_m:>14.2f}{mk_m / ours_m:>10.2f}x"
+            + (f"{ours_t / floor_t:>10.2f}x" if args.floor else "")
+            + f"  {same}",
             flush=True,
         )
         if not args.keep:

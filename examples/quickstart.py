@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         help="TAT-QA questions (fixed seed); 0 = skip",
     )
     p.add_argument("--tatqa-shots", type=int, default=d.tatqa_shots)
+    p.add_argument("--merge-sweep", action="store_true",
+                   help="also sweep TIES density x weight (tools/merge_sweep.py; ~6 extra evals)")  # fmt: skip
     args = p.parse_args(argv)
     cfg = dataclasses.replace(d, **vars(args))
     start = time.perf_counter()

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megatron_cpt.errors import UserError
+
 _CPU = torch.device("cpu")
 
 
@@ -52,6 +54,30 @@ def device() -> torch.device:
     if has_cuda():
         return torch.device("cuda", torch.cuda.current_device())
     return _CPU
+
+
+def compute_device(name: str) -> torch.device:
+    """A device asked for by name (``--device cpu|cuda|cuda:N``) for single-process compute
+    such as merging; ``cuda`` without a GPU is the user's error, said in one line."""
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UserError(f"--device: unknown device {name!r} (use cpu or cuda)") from None
+    if dev.type == "cpu":
+        return dev
+    if dev.type != "cuda":
+        raise UserError(f"--device: unsupported device {name!r} (use cpu or cuda)")
+    if not has_cuda():
+        raise UserError(f"--device {name}: no CUDA device is available on this machine")
+    return dev
+
+
+def device_memory_bytes(dev: torch.device) -> int | None:
+    """Free memory on a CUDA device (None for the CPU: host memory is not budgeted here)."""
+    if dev.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(dev)
+    return int(free)
 
 
 def backend() -> str:

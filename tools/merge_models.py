@@ -39,10 +39,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config", help="mergekit-style YAML recipe")
     parser.add_argument("out_dir", help="output checkpoint directory (created when complete)")
-    parser.add_argument("--random-seed", type=int, default=0, help="seed for DARE drop masks")
+    parser.add_argument("--random-seed", type=int, default=0, help="seed for DARE/DELLA drop masks")
     parser.add_argument("--max-shard-size", default="5GB", help="output shard size (default 5GB)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUT_DIR")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="where the arithmetic runs: cpu (default) or cuda[:N]; tensors are moved there one "
+        "at a time (in row chunks, or kept on the host, when one would not fit) and back",
+    )
     args = parser.parse_args(argv)
     config = load_config(args.config)
     result = merge_checkpoints(
@@ -53,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             max_shard_bytes=parse_size(args.max_shard_size),
             progress=not args.no_progress,
             overwrite=args.overwrite,
+            device=args.device,
         ),
     )
     print(

@@ -1,4 +1,5 @@
-"""Model merging (TIES, DARE, task arithmetic, linear, SLERP) from mergekit-style YAML recipes.
+"""Model merging (the mergekit methods: TIES, DARE, DELLA, SLERP, Model Stock, ...) from
+mergekit-style YAML recipes.
 
 The Llama-3-SEC recipe merges the continually pre-trained model back with the instruct model so
 the domain gain stays and the lost chat/general ability returns. ``config`` parses the recipe,

@@ -32,19 +32,49 @@ DTYPES = {
     "float64": torch.float64,
 }
 
-# Parameters each method understands; mergekit rejects unknown ones and so do we.
-_PER_MODEL = {"weight", "density"}
-_SHARED = {
-    **{name: {"normalize", "lambda", "int8_mask", "rescale"} for name in TASK_ARITHMETIC_FAMILY},
-    "linear": {"normalize"},
-    "slerp": {"t"},
-}
-_PER_MODEL_BY_METHOD = {
-    **{name: _PER_MODEL for name in TASK_ARITHMETIC_FAMILY},
+# Parameters each method understands (mergekit 0.1.5's specs); mergekit rejects unknown ones and
+# so do we. Per-model parameters may also be given at the top level (they then apply to every
+# model), as in mergekit.
+_TASK_SHARED = {"normalize", "lambda", "int8_mask", "rescale"}
+_PER_MODEL_BY_METHOD: dict[str, set[str]] = {
+    **{name: {"weight", "density"} for name in TASK_ARITHMETIC_FAMILY},
+    "breadcrumbs": {"weight", "density", "gamma"},
+    "breadcrumbs_ties": {"weight", "density", "gamma"},
+    "della": {"weight", "density", "epsilon"},
+    "della_linear": {"weight", "density", "epsilon"},
     "linear": {"weight"},
     "slerp": set(),
+    "nuslerp": {"weight"},
+    "multislerp": {"weight"},
+    "karcher": set(),
+    "model_stock": set(),
+    "sce": set(),
+    "nearswap": set(),
 }
-_BOOLEAN = {"normalize", "int8_mask"}
+_SHARED: dict[str, set[str]] = {
+    **{name: _TASK_SHARED for name in TASK_ARITHMETIC_FAMILY},
+    "linear": {"normalize"},
+    "slerp": {"t"},
+    "nuslerp": {"nuslerp_row_wise", "nuslerp_flatten"},
+    "multislerp": {"normalize_weights", "eps"},
+    "karcher": {"max_iter", "tol"},
+    "model_stock": {"filter_wise"},
+    "sce": {"int8_mask", "select_topk"},
+    "nearswap": {"t"},
+}
+# Methods whose base_model is required / may be given / is merged like any other input.
+_BASE_REQUIRED = {*TASK_ARITHMETIC_FAMILY, "slerp", "model_stock", "sce", "nearswap"}
+# Methods that need a weight for every non-base model.
+_WEIGHTED = {*TASK_ARITHMETIC_FAMILY, "linear", "nuslerp", "multislerp"}
+_BOOLEAN = {
+    "normalize",
+    "int8_mask",
+    "filter_wise",
+    "nuslerp_row_wise",
+    "nuslerp_flatten",
+    "normalize_weights",
+}
+_FRACTION = {"density", "gamma", "epsilon", "select_topk"}  # within [0, 1]
 _UNSUPPORTED_KEYS = {
     "slices": "slice-based (layer-range) configs are not supported; list whole models under models:",
     "modules": "module-based configs are not supported; list whole models under models:",
@@ -123,10 +153,10 @@ def _resolve_path(value: Any, where: str, config_dir: Path) -> Path:
     )
 
 
-def _check_setting(name: str, setting: Setting, where: str) -> None:
+def _check_setting(name: str, setting: Setting, where: str, method: str = "") -> None:
     """Type-check a setting's leaves now, so a bad value fails before the merge starts."""
     if isinstance(setting, dict) and "value" in setting:
-        _check_setting(name, setting["value"], where)
+        _check_setting(name, setting["value"], where, method)
         return
     if isinstance(setting, list):
         if not setting:
@@ -138,9 +168,9 @@ def _check_setting(name: str, setting: Setting, where: str) -> None:
                     raise UserError(
                         f"{where}.{name}: conditional entries need {{filter, value}}, got {item}"
                     )
-                _check_setting(name, item["value"], where)
+                _check_setting(name, item["value"], where, method)
             else:
-                _check_setting(name, item, where)
+                _check_setting(name, item, where, method)
         return
     if name in _BOOLEAN:
         if not isinstance(setting, bool):
@@ -152,8 +182,12 @@ def _check_setting(name: str, setting: Setting, where: str) -> None:
         raise UserError(f"{where}.{name}: expected a number, got {setting!r}")
     elif not math.isfinite(setting):  # YAML's .nan/.inf would make every merged value NaN
         raise UserError(f"{where}.{name}: must be a finite number, got {setting}")
-    elif name in {"density", "t"} and not 0 <= setting <= 1:
+    elif (name in _FRACTION or (name == "t" and method == "slerp")) and not 0 <= setting <= 1:
         raise UserError(f"{where}.{name}: must be within [0, 1], got {setting}")
+    elif name == "max_iter" and (not isinstance(setting, int) or setting < 1):
+        raise UserError(f"{where}.{name}: expected a positive integer, got {setting!r}")
+    elif name in {"eps", "tol", "t"} and setting < 0:
+        raise UserError(f"{where}.{name}: must be >= 0, got {setting}")
 
 
 def resolve_setting(setting: Setting, tensor_name: str, t: float) -> Any:
@@ -219,7 +253,7 @@ def parse_config(raw: Any, source: str = "<config>", config_dir: Path | None = N
         if bad:
             raise UserError(f"{where}.parameters: {method} does not take {', '.join(sorted(bad))}")
         for name, setting in params.items():
-            _check_setting(name, setting, f"{where}.parameters")
+            _check_setting(name, setting, f"{where}.parameters", method)
         path = _resolve_path(entry["model"], f"{where}.model", config_dir)
         if any(m.path == path for m in models):
             raise UserError(f"{where}.model: {path} is listed twice")
@@ -232,7 +266,7 @@ def parse_config(raw: Any, source: str = "<config>", config_dir: Path | None = N
     if bad:
         raise UserError(f"{source}: parameters: {method} does not take {', '.join(sorted(bad))}")
     for name, setting in params.items():
-        _check_setting(name, setting, f"{source}: parameters")
+        _check_setting(name, setting, f"{source}: parameters", method)
 
     config = MergeConfig(
         merge_method=method,
@@ -263,9 +297,8 @@ def _tokenizer_source(value: Any, base: Path | None, source: str, config_dir: Pa
 
 def _check_method_inputs(config: MergeConfig) -> None:
     source, method = config.source, config.merge_method
-    if method in TASK_ARITHMETIC_FAMILY or method == "slerp":
-        if config.base_model is None:
-            raise UserError(f"{source}: base_model: {method} needs a base model")
+    if method in _BASE_REQUIRED and config.base_model is None:
+        raise UserError(f"{source}: base_model: {method} needs a base model")
     if method == "slerp":
         if len(config.inputs) != 2:
             raise UserError(
@@ -281,9 +314,33 @@ def _check_method_inputs(config: MergeConfig) -> None:
                 f"{source}: base_model: linear averages the listed models only; list the base "
                 "under models: with a weight, or drop base_model"
             )
-    others = [m for m in config.models if m.path != config.base_model or method == "linear"]
+    merges_base = method in {"linear", "karcher"}
+    others = [m for m in config.models if m.path != config.base_model or merges_base]
     if not others:
         raise UserError(f"{source}: models: nothing to merge into the base")
+    counts = {
+        "nuslerp": (2, 2, "nuslerp interpolates exactly two models besides the base"),
+        "model_stock": (2, None, "model_stock needs at least two models besides the base"),
+        "nearswap": (1, 1, "nearswap takes exactly one model besides the base"),
+    }
+    if method in counts:
+        low, high, why = counts[method]
+        if len(others) < low or (high is not None and len(others) > high):
+            raise UserError(f"{source}: models: {why}, got {len(others)}")
+    if method == "nearswap" and "t" not in config.parameters:
+        raise UserError(f"{source}: parameters.t: nearswap needs t (the distance threshold)")
+    if method in {"della", "della_linear"}:
+        for entry in others:
+            density = entry.parameters.get("density", config.parameters.get("density", 1.0))
+            epsilon = entry.parameters.get("epsilon", config.parameters.get("epsilon", 0.15))
+            scalars = all(isinstance(v, int | float) for v in (density, epsilon))
+            if scalars and 0 < density < 1 and not 0 < density - epsilon < density + epsilon < 1:
+                raise UserError(
+                    f"{source}: models: epsilon={epsilon} must keep density +/- epsilon within "
+                    f"(0, 1) for {entry.path} (density={density})"
+                )
+    if method not in _WEIGHTED:
+        return
     for index, entry in enumerate(config.models):
         if entry.path == config.base_model and method != "linear":
             continue

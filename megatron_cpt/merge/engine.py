@@ -23,6 +23,7 @@ import torch
 import yaml
 from tqdm import tqdm
 
+from megatron_cpt import platform
 from megatron_cpt.errors import UserError
 from megatron_cpt.merge import methods
 from megatron_cpt.merge.config import MergeConfig, resolve_setting
@@ -80,6 +81,9 @@ class MergeOptions:
     max_shard_bytes: int = 5 * 10**9  # mergekit's and HF's default shard size
     progress: bool = True
     overwrite: bool = False
+    device: str = "cpu"  # where the arithmetic runs; inputs and outputs stay on the host
+    # Device working-set limit per step; None: the free device memory (CUDA) or unlimited (CPU).
+    device_budget_bytes: int | None = None
 
 
 @dataclass(frozen=True)
@@ -185,14 +189,32 @@ def _check_same_vocabulary(base_path: Path | None, path: Path | None) -> None:
     )
 
 
+# Methods whose output entry depends only on the same entry of the inputs: these are computed
+# in row chunks when a tensor's working set exceeds the device budget. The others need a whole
+# tensor at once (a top-k, a norm, an angle, a random stream); one too large for the budget is
+# computed on the host instead, so device memory stays bounded either way.
+ROW_SEPARABLE = {"task_arithmetic", "linear", "nearswap"}
+
+
 class TensorMerger:
     """Applies the configured method to one logical tensor, given every input's copy of it."""
 
-    def __init__(self, config: MergeConfig, num_layers: int, seed: int):
+    def __init__(
+        self,
+        config: MergeConfig,
+        num_layers: int,
+        seed: int,
+        device: torch.device | None = None,
+        budget_bytes: int | None = None,
+    ):
         self.config = config
         self.num_layers = num_layers
         self.seed = seed
         self.method = config.merge_method
+        self.device = device or torch.device("cpu")
+        self.budget_bytes = budget_bytes
+        self.chunked = 0  # tensors computed in row chunks (for tests and logs)
+        self.on_host = 0  # tensors too large for the device budget, computed on the host
 
     def _param(self, name: str, path: Path | None, tensor_name: str, t: float, default=None):
         sources = [self.config.model(path).parameters] if path is not None else []
@@ -233,49 +255,133 @@ class TensorMerger:
             return first
         dtypes = [t.dtype for t in tensors.values()]
         dtype = self.compute_dtype(dtypes)
-        tensors = {p: t.to(dtype) for p, t in tensors.items()}
+        out_dtype = self.out_dtype(dtypes)
+        if self.device.type == "cpu" and self.budget_bytes is None:
+            tensors = {p: t.to(dtype) for p, t in tensors.items()}
+            result = self._compute(name, tensors).to(out_dtype)
+        else:
+            result = self._on_device(name, tensors, dtype, out_dtype)
+        if not bool(torch.isfinite(result).all()):  # never write a NaN model with exit 0
+            raise UserError(f"merged tensor {name} has NaN/inf values; nothing was written")
+        return result
+
+    def _on_device(self, name, tensors, dtype, out_dtype) -> torch.Tensor:
+        """Move to the device, compute, move back: whole, in row chunks, or on the host."""
+        first = next(iter(tensors.values()))
+        element = max(torch.finfo(dtype).bits // 8, 4)
+        # inputs + the method's scratch (deltas, masks, float32 temporaries): a generous bound
+        per_element = element * (2 * len(tensors) + 4)
+        budget = self.budget_bytes
+        if budget is None:
+            budget = platform.device_memory_bytes(self.device)
+        if budget is None or first.numel() * per_element <= budget:
+            moved = {p: t.to(self.device).to(dtype) for p, t in tensors.items()}
+            return self._compute(name, moved).to(out_dtype).cpu()
+        if self.method in ROW_SEPARABLE and first.dim() >= 1:
+            rows = max(1, budget // max(1, first[0].numel() * per_element))
+            out = torch.empty(first.shape, dtype=out_dtype)
+            for start in range(0, first.shape[0], rows):
+                part = {
+                    p: t[start : start + rows].to(self.device).to(dtype) for p, t in tensors.items()
+                }
+                out[start : start + rows] = self._compute(name, part).to(out_dtype).cpu()
+            self.chunked += 1
+            return out
+        self.on_host += 1
+        host = {p: t.to(dtype) for p, t in tensors.items()}
+        return self._compute(name, host).to(out_dtype)
+
+    def _compute(self, name: str, tensors: dict[Path, torch.Tensor]) -> torch.Tensor:
+        paths = list(tensors)
         t = layer_fraction(name, self.num_layers)
         method, cfg = self.method, self.config
+        base = cfg.base_model
 
-        if method == "linear":
-            order = [m.path for m in cfg.models]
-            weights = [float(self._param("weight", p, name, t)) for p in order]
-            normalize = bool(self._param("normalize", None, name, t, default=True))
-            if normalize and sum(weights) == 0:
-                raise UserError(
-                    f"{cfg.source}: linear weights for {name} sum to 0; normalizing by that "
-                    "sum would make every value NaN (give non-zero weights or normalize: false)"
+        def shared(key: str, default=None):
+            return self._param(key, None, name, t, default=default)
+
+        def per_model(key: str, order: list[Path], default=None) -> list[float]:
+            return [float(self._param(key, p, name, t, default=default)) for p in order]
+
+        others = [m.path for m in cfg.models if m.path != base]
+        try:
+            if method == "linear":
+                order = [m.path for m in cfg.models]
+                weights = per_model("weight", order)
+                normalize = bool(shared("normalize", default=True))
+                if normalize and sum(weights) == 0:
+                    raise UserError(
+                        f"{cfg.source}: linear weights for {name} sum to 0; normalizing by that "
+                        "sum would make every value NaN (give non-zero weights or normalize: false)"
+                    )
+                return methods.linear([tensors[p] for p in order], weights, normalize=normalize)
+            if method == "slerp":
+                other = next(p for p in paths if p != base)
+                return methods.slerp(float(shared("t")), tensors[base], tensors[other])
+            if method == "nuslerp":
+                return methods.nuslerp(
+                    tensors[base] if base is not None else None,
+                    [tensors[p] for p in others],
+                    per_model("weight", others),
+                    row_wise=bool(shared("nuslerp_row_wise", default=False)),
+                    flatten=bool(shared("nuslerp_flatten", default=True)),
                 )
-            result = methods.linear([tensors[p] for p in order], weights, normalize=normalize)
-        elif method == "slerp":
-            base = cfg.base_model
-            other = next(p for p in paths if p != base)
-            result = methods.slerp(
-                float(self._param("t", None, name, t)), tensors[base], tensors[other]
-            )
-        else:
+            if method == "multislerp":
+                return methods.multislerp(
+                    tensors[base] if base is not None else None,
+                    [tensors[p] for p in others],
+                    per_model("weight", others),
+                    normalize_weights=bool(shared("normalize_weights", default=True)),
+                    eps=float(shared("eps", default=1e-8)),
+                )
+            if method == "karcher":
+                return methods.karcher(
+                    [tensors[p] for p in self._karcher_order()],
+                    max_iter=int(shared("max_iter", default=10)),
+                    tol=float(shared("tol", default=1e-5)),
+                )
+            if method == "model_stock":
+                return methods.model_stock(
+                    tensors[base],
+                    [tensors[p] for p in others],
+                    filter_wise=bool(shared("filter_wise", default=False)),
+                )
+            if method == "sce":
+                return methods.sce(
+                    tensors[base],
+                    [tensors[p] for p in others],
+                    select_topk=float(shared("select_topk", default=1.0)),
+                    int8_mask=bool(shared("int8_mask", default=False)),
+                )
+            if method == "nearswap":
+                return methods.nearswap(tensors[base], tensors[others[0]], float(shared("t")))
             spec = methods.TASK_ARITHMETIC_FAMILY[method]
-            base = cfg.base_model
-            others = [m.path for m in cfg.models if m.path != base]
             generator = None
-            if spec.sparsify is methods.Sparsify.RANDOM:
+            if method in methods.RANDOMIZED:
+                # Always a CPU generator: the masks are the CPU merge's on any device.
                 generator = torch.Generator().manual_seed(tensor_seed(self.seed, name))
-            result = methods.task_arithmetic_family(
+            return methods.task_arithmetic_family(
                 spec,
                 tensors[base],
                 [tensors[p] for p in others],
-                [float(self._param("weight", p, name, t)) for p in others],
-                [float(self._param("density", p, name, t, default=1.0)) for p in others],
-                normalize=bool(
-                    self._param("normalize", None, name, t, default=spec.default_normalize)
-                ),
-                lambda_=float(self._param("lambda", None, name, t, default=1.0)),
-                rescale=self._param("rescale", None, name, t, default=spec.default_rescale),
+                per_model("weight", others),
+                per_model("density", others, default=1.0),
+                normalize=bool(shared("normalize", default=spec.default_normalize)),
+                lambda_=float(shared("lambda", default=1.0)),
+                rescale=shared("rescale", default=spec.default_rescale),
                 generator=generator,
+                gammas=per_model("gamma", others, default=0.01),
+                epsilons=per_model("epsilon", others, default=0.15),
             )
-        if not bool(torch.isfinite(result).all()):  # never write a NaN model with exit 0
-            raise UserError(f"merged tensor {name} has NaN/inf values; nothing was written")
-        return result.to(self.out_dtype(dtypes))
+        except ValueError as exc:  # a kernel's documented precondition, per tensor
+            raise UserError(f"{cfg.source}: {method} cannot merge {name}: {exc}") from None
+
+    def _karcher_order(self) -> list[Path]:
+        """mergekit's input order: the listed models, then the base if it is not listed."""
+        order = [m.path for m in self.config.models]
+        if self.config.base_model is not None and self.config.base_model not in order:
+            order.append(self.config.base_model)
+        return order
 
 
 def _num_layers(base: Checkpoint) -> int:
@@ -366,7 +472,13 @@ def merge_checkpoints(
     base_path = config.inputs[0]
     base = checkpoints[base_path]
     _check_tokenizer(config, base)
-    merger = TensorMerger(config, _num_layers(base), options.random_seed)
+    merger = TensorMerger(
+        config,
+        _num_layers(base),
+        options.random_seed,
+        device=platform.compute_device(options.device),
+        budget_bytes=options.device_budget_bytes,
+    )
 
     plan = []
     for name in base.names:

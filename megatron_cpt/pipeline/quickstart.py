@@ -59,6 +59,7 @@ class QuickstartConfig:
     merge_method: str = "ties"
     merge_density: float = 0.5
     merge_weight: float = 0.5
+    merge_sweep: bool = False  # also run tools/merge_sweep.py over a small TIES grid
     eval_docs: int = 24  # held-out documents per set ...
     eval_chars: int = 2000  # ... each cut at this many characters (~500 tokens)
     eval_seq_length: int = 256
@@ -281,6 +282,20 @@ class Pipeline:
                     "--data", f"general={eval_sets['general']}",
                     "--seq-length", c.eval_seq_length, "--batch-size", 4, *axes,
                     "--output", out, log=f"evaluate_{label}"),
+            )  # fmt: skip
+
+        if c.merge_sweep:  # issue 19: pick density x weight against domain gain / general loss
+            sweep = self.path("merge_sweep")
+            self.stage(
+                "merge_sweep", {"docs": c.eval_docs, "chars": c.eval_chars, "seq": c.eval_seq_length},
+                lambda: (sweep / "sweep.json").stat(),
+                lambda: self.tool("merge_sweep.py", "--base", base_hf, "--model", cpt_hf,
+                                  "--density", "0.3,0.7,1.0", "--weight", "0.5,1.0",
+                                  "--domain", f"domain={eval_sets['domain']}",
+                                  "--general", f"general={eval_sets['general']}",
+                                  "--seq-length", c.eval_seq_length,
+                                  "--constraint", "general_bpb<=base*1.01", "--out", sweep,
+                                  log="merge_sweep"),
             )  # fmt: skip
 
         report = self.path("report")

@@ -1,0 +1,118 @@
+#!/usr/bin/env python
+"""Per-tensor cost of each merge kernel as a multiple of the I/O floor, same process.
+
+One 4096x4096 bf16 base and one fine-tune; the floor reads two such tensors from files (page
+cache) and writes one. Best of 3 (1 for the random and slow ones): ``python bench/merge_kernels.py``.
+"""
+
+import tempfile
+import time
+
+import torch
+
+from megatron_cpt.merge import methods as M
+
+torch.manual_seed(0)
+n = (4096, 4096)
+base = (torch.randn(n) * 0.02).bfloat16()
+cpt = (base.float() + torch.randn(n) * 0.002).bfloat16()
+
+
+def t(f, reps=3):
+    best = 1e9
+    for _ in range(reps):
+        s = time.perf_counter()
+        f()
+        best = min(best, time.perf_counter() - s)
+    return best
+
+
+spec = M.TASK_ARITHMETIC_FAMILY
+rows = {}
+rows["read+write floor (2 x 32 MiB in, 32 MiB out, page cache)"] = None
+d = tempfile.mkdtemp()
+for name, x in (("a", base), ("b", cpt)):
+    x.view(torch.int16).numpy().tofile(f"{d}/{name}")
+
+
+def io():
+    a = torch.from_file(f"{d}/a", size=base.numel(), dtype=torch.int16).clone()
+    b = torch.from_file(f"{d}/b", size=base.numel(), dtype=torch.int16).clone()
+    del b  # read, as a merge reads both inputs
+    a.numpy().tofile(f"{d}/o")
+
+
+rows["read+write floor (2 x 32 MiB in, 32 MiB out, page cache)"] = t(io)
+rows["delta only (cpt - base)"] = t(lambda: cpt - base)
+rows["task_arithmetic"] = t(
+    lambda: M.task_arithmetic_family(
+        spec["task_arithmetic"],
+        base,
+        [cpt],
+        [1.0],
+        [1.0],
+        normalize=False,
+        lambda_=1.0,
+        rescale=False,
+    )
+)
+delta = cpt - base
+rows["  TIES trim alone (radix select)"] = t(lambda: M.magnitude_trim(delta, 0.5))
+rows["ties d=0.5"] = t(
+    lambda: M.task_arithmetic_family(
+        spec["ties"], base, [cpt], [1.0], [0.5], normalize=True, lambda_=1.0, rescale=False
+    )
+)
+rows["breadcrumbs_ties (torch.sort, as mergekit)"] = t(
+    lambda: M.task_arithmetic_family(
+        spec["breadcrumbs_ties"],
+        base,
+        [cpt],
+        [1.0],
+        [0.5],
+        normalize=False,
+        lambda_=1.0,
+        rescale=False,
+        gammas=[0.01],
+    )
+)
+g = torch.Generator().manual_seed(0)
+rows["della (argsort x2 per row)"] = t(
+    lambda: M.task_arithmetic_family(
+        spec["della"],
+        base,
+        [cpt],
+        [1.0],
+        [0.5],
+        normalize=True,
+        lambda_=1.0,
+        rescale=True,
+        generator=g,
+        epsilons=[0.1],
+    ),
+    1,
+)
+rows["dare_ties"] = t(
+    lambda: M.task_arithmetic_family(
+        spec["dare_ties"],
+        base,
+        [cpt],
+        [1.0],
+        [0.5],
+        normalize=False,
+        lambda_=1.0,
+        rescale=True,
+        generator=g,
+    ),
+    1,
+)
+rows["sce topk 0.5 (2 models)"] = t(lambda: M.sce(base, [cpt, cpt], 0.5, False), 1)
+rows["model_stock (2 models)"] = t(lambda: M.model_stock(base, [cpt, delta + base], False), 1)
+rows["slerp"] = t(lambda: M.slerp(0.5, base, cpt))
+rows["nearswap"] = t(lambda: M.nearswap(base, cpt, 1e-3))
+f = rows["read+write floor (2 x 32 MiB in, 32 MiB out, page cache)"]
+print(
+    f"one 4096x4096 bf16 tensor, {torch.get_num_threads()} threads, best of 3 (1 for random ones)"
+)
+for k, v in rows.items():
+    print(f"{k:<58}{v * 1000:9.1f} ms {v / f:7.1f}x floor")

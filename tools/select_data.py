@@ -1,5 +1,8 @@
 """Select a compute-efficient subset of a domain corpus (FinPythia ETS-/ETA-DACP).
 
+Under torchrun (``torchrun --nproc_per_node N tools/select_data.py ...``) each rank scores its
+share of the documents; the selection equals the one-process run's.
+
 Examples:
   # ETS-DACP: the 10% of filings most similar to the target tasks' data
   python tools/select_data.py --input 'edgar/*.jsonl.zst' --task-data fpb.jsonl fiqa.jsonl \\
@@ -87,6 +90,23 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--dedup-threshold", type=float, default=DedupConfig.threshold)
     dd.add_argument("--dedup-shingle-size", type=int, default=DedupConfig.shingle_size)
     dd.add_argument("--dedup-num-perm", type=int, default=DedupConfig.num_perm)
+    dd.add_argument(
+        "--dedup-workers", type=int, default=1, help="processes computing MinHash signatures"
+    )
+    dd.add_argument(
+        "--dedup-chunk",
+        type=int,
+        default=SelectionConfig.dedup_chunk,
+        help="documents per dedup chunk: bounds the memory of every dedup stage",
+    )
+    dd.add_argument(
+        "--dedup-work-dir", help="stage files (default: a temporary dir next to --output)"
+    )
+    dd.add_argument(
+        "--dedup-in-memory",
+        action="store_true",
+        help="one whole-corpus datasketch index instead of the staged files (same result)",
+    )
     return p
 
 
@@ -112,6 +132,10 @@ def config_from_args(args: argparse.Namespace) -> SelectionConfig:
         chunk_size=args.chunk_size,
         skip_bad_lines=args.skip_bad_lines,
         progress=not args.no_progress,
+        dedup_in_memory=args.dedup_in_memory,
+        dedup_workers=args.dedup_workers,
+        dedup_chunk=args.dedup_chunk,
+        dedup_work_dir=args.dedup_work_dir,
         dedup=DedupConfig(
             enabled=not args.no_dedup,
             shingle_size=args.dedup_shingle_size,
@@ -139,6 +163,8 @@ def config_from_args(args: argparse.Namespace) -> SelectionConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     summary = run_selection(config_from_args(args))
+    if not summary:  # a rank > 0 of a sharded (torchrun) run: rank 0 writes and reports
+        return 0
     counts, tokens = summary["counts"], summary["tokens"]
     print(
         f"selected {counts['selected']}/{counts['kept_after_dedup']} documents "

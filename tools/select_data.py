@@ -22,13 +22,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_cpt.cli import run  # noqa: E402
+from megatron_cpt.errors import UserError  # noqa: E402
 from megatron_cpt.selection.dedup import DedupConfig  # noqa: E402
 from megatron_cpt.selection.perplexity import PerplexityConfig  # noqa: E402
 from megatron_cpt.selection.pipeline import SelectionConfig, parse_metrics, run_selection  # noqa: E402
 from megatron_cpt.selection.pos_entropy import PosEntropyConfig  # noqa: E402
 from megatron_cpt.selection.sampling import Budget  # noqa: E402
 from megatron_cpt.selection.similarity import SimilarityConfig  # noqa: E402
+from megatron_cpt.selection.to_shards import ShardOutputConfig  # noqa: E402
 from megatron_cpt.selection.tokens import TokenCounterConfig  # noqa: E402
+from megatron_cpt.tokenizers import TOKENIZER_TYPES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--cache-dir", help="score cache (default ~/.cache/megatron_cpt/...)")
     io.add_argument("--chunk-size", type=int, default=64, help="docs per scoring call/flush")
     io.add_argument("--no-progress", action="store_true")
+
+    sh = p.add_argument_group("selection straight to megatron-core shards")
+    sh.add_argument(
+        "--output-prefix",
+        help="also write the selection as {prefix}_{text-key}_document.bin/.idx "
+        "(as tools/preprocess_data.py would from --output)",
+    )
+    sh.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, help="shard tokenizer type")
+    sh.add_argument("--tokenizer-model", help="shard tokenizer file/dir")
+    sh.add_argument("--append-eod", action="store_true", help="end-of-document token in shards")
+    sh.add_argument("--shard-workers", type=int, default=1, help="tokenizer processes")
 
     sel = p.add_argument_group("selection")
     sel.add_argument(
@@ -110,6 +124,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _shards(args: argparse.Namespace) -> ShardOutputConfig | None:
+    if args.output_prefix is None:
+        for flag in ("tokenizer_type", "tokenizer_model"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag.replace('_', '-')} is only used with --output-prefix")
+        return None
+    for flag in ("tokenizer_type", "tokenizer_model"):
+        if getattr(args, flag) is None:
+            raise UserError(f"--output-prefix needs --{flag.replace('_', '-')}")
+    return ShardOutputConfig(
+        output_prefix=args.output_prefix,
+        tokenizer_type=args.tokenizer_type,
+        tokenizer_model=args.tokenizer_model,
+        append_eod=args.append_eod,
+        workers=args.shard_workers,
+    )
+
+
 def config_from_args(args: argparse.Namespace) -> SelectionConfig:
     if args.fraction is not None:
         budget = Budget("fraction", args.fraction)
@@ -132,6 +164,7 @@ def config_from_args(args: argparse.Namespace) -> SelectionConfig:
         chunk_size=args.chunk_size,
         skip_bad_lines=args.skip_bad_lines,
         progress=not args.no_progress,
+        shards=_shards(args),
         dedup_in_memory=args.dedup_in_memory,
         dedup_workers=args.dedup_workers,
         dedup_chunk=args.dedup_chunk,

@@ -39,6 +39,7 @@ from megatron_cpt.selection.perplexity import PerplexityConfig, PerplexityScorer
 from megatron_cpt.selection.pos_entropy import PosEntropyConfig, PosEntropyScorer
 from megatron_cpt.selection.sampling import Budget, combine, ranking_order, select
 from megatron_cpt.selection.similarity import SimilarityConfig, TaskSimilarityScorer
+from megatron_cpt.selection.to_shards import SelectedShardWriter, ShardOutputConfig
 from megatron_cpt.selection.tokens import TokenCounter, TokenCounterConfig
 
 METRICS = ("similarity", "perplexity", "pos-entropy", "random")
@@ -82,6 +83,7 @@ class SelectionConfig:
     dedup_workers: int = 1
     dedup_chunk: int = 50_000
     dedup_work_dir: str | None = None  # default: a temporary directory next to the output
+    shards: ShardOutputConfig | None = None  # also write the selection as megatron-core shards
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     pos_entropy: PosEntropyConfig = field(default_factory=PosEntropyConfig)
@@ -361,6 +363,12 @@ def run_selection(config: SelectionConfig, scorers: dict | None = None) -> dict:
     root = Path(config.cache_dir) if config.cache_dir else assets.cache_dir() / "selection_scores"
 
     rank, world = _distributed()
+    # Built up front (on the rank that writes) so a bad tokenizer fails before any scoring.
+    shard_writer = (
+        SelectedShardWriter(config.shards, config.text_key)
+        if config.shards is not None and rank == 0
+        else None
+    )
     # Rank 0 indexes and deduplicates; the others receive the metadata (no texts).
     corpus = None
     if rank == 0:
@@ -413,8 +421,9 @@ def run_selection(config: SelectionConfig, scorers: dict | None = None) -> dict:
     full_rank = np.zeros(len(corpus), dtype=np.int64)
     full_rank[kept_idx] = rank
 
-    # Selected documents: original bytes, input order.
-    with _AtomicWriter(out_path, "wb") as fh:
+    # Selected documents: original bytes, input order (and, with --output-prefix, as shards
+    # tokenized from the same lines in the same pass).
+    def selected_lines(fh):
         doc = 0
         for name in corpus.files:
             for record, raw, _ in _records(name, config, Counter()):
@@ -422,7 +431,16 @@ def run_selection(config: SelectionConfig, scorers: dict | None = None) -> dict:
                     raise UserError(f"{name} changed while it was being selected from; re-run")
                 if selected[doc]:
                     fh.write(raw if raw.endswith(b"\n") else raw + b"\n")
+                    yield name, record.line, raw
                 doc += 1
+
+    shard_summary = None
+    with _AtomicWriter(out_path, "wb") as fh:
+        if shard_writer is not None:
+            shard_summary = shard_writer.run(selected_lines(fh))
+        else:
+            for _ in selected_lines(fh):
+                pass
     with _AtomicWriter(scores_path, "w") as fh:
         for i in range(len(corpus)):
             dup = corpus.duplicate_of[i]
@@ -442,7 +460,11 @@ def run_selection(config: SelectionConfig, scorers: dict | None = None) -> dict:
     sel_idx = kept_idx[chosen]
     summary = {
         "inputs": corpus.files,
-        "outputs": {"selected": str(out_path), "scores": str(scores_path)},
+        "outputs": {
+            "selected": str(out_path),
+            "scores": str(scores_path),
+            **({"shards": shard_summary} if shard_summary is not None else {}),
+        },
         "config": {
             "metrics": list(config.metrics),
             "sampling": config.sampling,

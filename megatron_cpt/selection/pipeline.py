@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -382,16 +383,19 @@ def run_selection(config: SelectionConfig, scorers: dict | None = None) -> dict:
         raise corpus
     if not len(corpus):
         raise UserError(f"--input {' '.join(config.inputs)}: no documents with a text")
+    started = time.perf_counter()
     scores, cache_stats, scored_here = score_corpus(config, corpus, scorers, root, rank, world)
-    scored_per_rank = [scored_here]
+    seconds_here = round(time.perf_counter() - started, 3)
+    scored_per_rank, seconds_per_rank = [scored_here], [seconds_here]
     if world > 1:
         import torch.distributed as dist
 
         gathered: list = [None] * world
-        dist.all_gather_object(gathered, (scored_here, cache_stats))  # also a barrier
-        scored_per_rank = [n for n, _ in gathered]
+        dist.all_gather_object(gathered, (scored_here, cache_stats, seconds_here))  # a barrier
+        scored_per_rank = [n for n, _, _ in gathered]
+        seconds_per_rank = [t for _, _, t in gathered]
         cache_stats = {
-            name: {k: sum(st[name][k] for _, st in gathered) for k in ("cached", "scored")}
+            name: {k: sum(st[name][k] for _, st, _ in gathered) for k in ("cached", "scored")}
             for name in cache_stats
         }
         # every rank counted the cached documents: count them once
@@ -495,6 +499,7 @@ def run_selection(config: SelectionConfig, scorers: dict | None = None) -> dict:
         "cache": {"dir": str(root), **{k: v for k, v in cache_stats.items()}},
         "ranks": world,
         "scored_per_rank": scored_per_rank,
+        "scoring_seconds_per_rank": seconds_per_rank,  # incl. model loading on first use
     }
     if len(config.metrics) > 1:
         summary["metrics"]["rank_average"] = {

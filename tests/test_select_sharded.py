@@ -83,6 +83,7 @@ def test_two_ranks_select_exactly_what_one_process_selects(shared_data, tmp_path
     assert s2["ranks"] == 2 and sum(s2["scored_per_rank"]) == kept
     assert min(s2["scored_per_rank"]) >= kept // 2  # an even split
     assert s2["counts"] == s1["counts"] and s2["tokens"] == s1["tokens"]
+    assert s1["counts"]["duplicates_removed"] == 276  # the staged dedup, spread over 2 ranks
     # the ranks' parts were folded into one cache file per (input, scorer): nothing left over
     assert not list((tmp_path / "c2").glob("*.part-*"))
     assert sorted(p.name for p in (tmp_path / "c1").iterdir()) == sorted(

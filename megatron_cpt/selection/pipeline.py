@@ -147,11 +147,16 @@ def _records(path: str, config: SelectionConfig, skipped: Counter):
         yield record, raw, text
 
 
-def index_corpus(config: SelectionConfig, paths: list[Path]) -> Corpus:
-    """Pass 1: locate documents, hash file contents (the cache key), find near-duplicates."""
+def index_corpus(
+    config: SelectionConfig, paths: list[Path], rank: int = 0, world: int = 1
+) -> Corpus:
+    """Pass 1: locate documents, hash file contents (the cache key), find near-duplicates.
+
+    With ``world`` > 1 only the staged dedup is spread over the ranks (see _index_staged).
+    """
     corpus = Corpus()
-    if config.dedup.enabled and not config.dedup_in_memory:
-        return _index_staged(config, paths, corpus)
+    if staged_dedup(config):
+        return _index_staged(config, paths, corpus, rank, world)
     dedup = NearDuplicateFilter(config.dedup) if config.dedup.enabled else None
     key_to_doc: dict[str, int] = {}
     for i, text in _index_documents(config, paths, corpus):
@@ -189,25 +194,48 @@ def _index_documents(config: SelectionConfig, paths: list[Path], corpus: Corpus)
     bar.close()
 
 
-def _index_staged(config: SelectionConfig, paths: list[Path], corpus: Corpus) -> Corpus:
-    """Index while the staged dedup takes the texts chunk by chunk (memory: one chunk)."""
+def staged_dedup(config: SelectionConfig) -> bool:
+    return config.dedup.enabled and not config.dedup_in_memory
+
+
+def _index_staged(
+    config: SelectionConfig, paths: list[Path], corpus: Corpus, rank: int = 0, world: int = 1
+) -> Corpus:
+    """Index while the staged dedup takes the texts chunk by chunk (memory: one chunk).
+
+    Under torchrun every rank indexes (the same metadata) and signs/pairs its share of the
+    chunks; the stage files go to a directory all ranks share (next to ``--output``, or
+    ``--dedup-work-dir``), which must be on a shared filesystem for multi-node runs.
+    """
     import shutil
     import tempfile
 
     from megatron_cpt.selection.staged_dedup import StagedDedupConfig, run_staged_dedup
 
+    barrier = None
     if config.dedup_work_dir:
         work, remove = Path(config.dedup_work_dir), False
     else:
         parent = Path(config.output).resolve().parent
         parent.mkdir(parents=True, exist_ok=True)
-        work, remove = Path(tempfile.mkdtemp(prefix=".dedup-", dir=parent)), True
+        if world == 1:
+            work = Path(tempfile.mkdtemp(prefix=".dedup-", dir=parent))
+        else:  # one name all ranks agree on
+            tag = hashlib.sha256(str(Path(config.output).resolve()).encode()).hexdigest()[:12]
+            work = parent / f".dedup-{tag}"
+        remove = True
+    if world > 1:
+        import torch.distributed as dist
+
+        barrier = dist.barrier
     staged = StagedDedupConfig(str(work), config.dedup_chunk, config.dedup_workers)
     try:
         texts = (text for _, text in _index_documents(config, paths, corpus))
-        duplicate_of, _ = run_staged_dedup(texts, config.dedup, staged)
+        duplicate_of, _ = run_staged_dedup(texts, config.dedup, staged, rank, world, barrier)
+        if barrier is not None:
+            barrier()  # every rank has read every edge file
     finally:
-        if remove:
+        if remove and rank == 0:
             shutil.rmtree(work, ignore_errors=True)
     corpus.duplicate_of = [None if d < 0 else int(d) for d in duplicate_of.tolist()]
     return corpus
@@ -370,15 +398,17 @@ def run_selection(config: SelectionConfig, scorers: dict | None = None) -> dict:
         if config.shards is not None and rank == 0
         else None
     )
-    # Rank 0 indexes and deduplicates; the others receive the metadata (no texts).
     corpus = None
-    if rank == 0:
-        try:
-            corpus = index_corpus(config, paths)
-        except UserError as err:  # tell the other ranks instead of leaving them waiting
-            corpus = err
-    if world > 1:
-        corpus = _broadcast(corpus)
+    if staged_dedup(config):  # every rank indexes and runs its share of the dedup stages
+        corpus = index_corpus(config, paths, rank, world)
+    else:  # rank 0 indexes (and dedups in memory); the others receive the metadata, no texts
+        if rank == 0:
+            try:
+                corpus = index_corpus(config, paths)
+            except UserError as err:  # tell the other ranks instead of leaving them waiting
+                corpus = err
+        if world > 1:
+            corpus = _broadcast(corpus)
     if isinstance(corpus, UserError):
         raise corpus
     if not len(corpus):

@@ -239,13 +239,25 @@ def _save(path: Path, array: np.ndarray) -> None:
 
 
 def run_staged_dedup(
-    texts: Iterable[str], config: DedupConfig, staged: StagedDedupConfig
+    texts: Iterable[str],
+    config: DedupConfig,
+    staged: StagedDedupConfig,
+    rank: int = 0,
+    world: int = 1,
+    barrier=None,
 ) -> tuple[np.ndarray, StageStats]:
     """All stages over a stream of texts (corpus order); returns ``duplicate_of`` per document
-    (``-1`` = kept) and what each stage held. Texts are consumed one chunk at a time."""
+    (``-1`` = kept) and what this process's stages held. Texts are consumed one chunk at a time.
+
+    With ``world`` > 1 (torchrun ranks sharing ``work_dir``, ``barrier`` between stages), every
+    rank streams the texts but signs only chunks ``c % world == rank``, partitions its own
+    chunks, pairs partitions ``p % world == rank``, and then reads all edge files to reach the
+    same answer as every other rank.
+    """
     work = Path(staged.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     stats = StageStats()
+    sync = barrier or (lambda: None)
     pool = ProcessPoolExecutor(staged.workers) if staged.workers > 1 else None
     try:
         # Stage 1: at most 2 chunks per worker in flight, so texts never pile up in memory.
@@ -253,26 +265,35 @@ def run_staged_dedup(
         for text in texts:
             buf.append(text)
             if len(buf) == staged.chunk_docs:
-                futures.append(_submit(pool, signature_stage, staged, chunk, first, buf, config))
-                stats.max_docs_in_chunk = max(stats.max_docs_in_chunk, len(buf))
+                if chunk % world == rank:
+                    futures.append(
+                        _submit(pool, signature_stage, staged, chunk, first, buf, config)
+                    )
+                    stats.max_docs_in_chunk = max(stats.max_docs_in_chunk, len(buf))
                 chunk, first, buf = chunk + 1, first + len(buf), []
                 if pool is not None and len(futures) >= 2 * staged.workers:
                     futures.pop(0).result()
         if buf or chunk == 0:
-            futures.append(_submit(pool, signature_stage, staged, chunk, first, buf, config))
-            stats.max_docs_in_chunk = max(stats.max_docs_in_chunk, len(buf))
+            if chunk % world == rank:
+                futures.append(_submit(pool, signature_stage, staged, chunk, first, buf, config))
+                stats.max_docs_in_chunk = max(stats.max_docs_in_chunk, len(buf))
             chunk, first = chunk + 1, first + len(buf)
         for f in futures:
             f.result()
         stats.documents, stats.chunks = first, chunk
-        # Stage 2: as many key partitions as keep one partition's rows near one chunk's.
-        # (about one chunk's band rows each: rows = documents x bands, spread by key hash)
+        sync()
+        # Stage 2: as many key partitions as chunks, so that a partition holds about one
+        # chunk's band rows (rows = documents x bands, spread evenly by the key hash).
         partitions = chunk
         stats.partitions = partitions
-        list(_map(pool, partition_stage, [(str(work), c, partitions) for c in range(chunk)]))
+        mine = [(str(work), c, partitions) for c in range(chunk) if c % world == rank]
+        list(_map(pool, partition_stage, mine))
+        sync()
         # Stage 3: candidate pairs per partition.
         args = [
-            (str(work), p, chunk, staged.chunk_docs, config.threshold) for p in range(partitions)
+            (str(work), p, chunk, staged.chunk_docs, config.threshold)
+            for p in range(partitions)
+            if p % world == rank
         ]
         for held, cand, conf in _map(pool, pairs_stage, args):
             stats.max_rows_in_partition = max(stats.max_rows_in_partition, held)
@@ -281,6 +302,7 @@ def run_staged_dedup(
     finally:
         if pool is not None:
             pool.shutdown()
+    sync()
     # Stage 4: clusters in corpus order, then the filter's answer.
     duplicate_of = np.full(first, -1, dtype=np.int64)
     for c, dup, max_edges in cluster_stage(str(work), chunk, partitions, first, staged.chunk_docs):

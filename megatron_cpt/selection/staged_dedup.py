@@ -15,7 +15,7 @@ through files in a work directory, like datatrove's MinHash pipeline:
    member of a distinct signature* in that bucket (documents with identical signatures after
    the first are always duplicates, never kept, so they can never be the one a later document
    duplicates). Each pair is confirmed with the MinHash Jaccard estimate (signatures read
-   through a memory map) and the confirmed ones are written to the edge file of the later
+   from the chunk files) and the confirmed ones are written to the edge file of the later
    document's chunk.
 3. **clusters** (sequential, chunk by chunk in corpus order): a document is a duplicate iff a
    confirmed pair links it to an earlier *kept* document; it points to the most similar one
@@ -112,8 +112,14 @@ class _Signer:
         return mh.hashvalues
 
 
-def _chunk_name(work: Path, kind: str, index: int, ext: str = "npy") -> Path:
-    return work / f"{kind}-{index:06d}.{ext}"
+def _chunk_name(work, kind: str, index: int, ext: str = "npy") -> str:
+    return _file(work, f"{kind}-{index:06d}.{ext}")
+
+
+def _file(work, name: str) -> str:
+    # Strings, not pathlib: every Path built from a new name interns its parts for the life of
+    # the process, and the stages create (chunks x partitions) files.
+    return os.path.join(str(work), name)
 
 
 def signature_stage(
@@ -139,30 +145,46 @@ def signature_stage(
             out.append((b, key, first_doc + k, whole))
     _save(_chunk_name(work, "sig", chunk), sigs)
     _save(_chunk_name(work, "empty", chunk), empty)
-    _save(_chunk_name(work, "bands", chunk), np.array(out, dtype=BUCKET_ROW))
+    _save_rows(_chunk_name(work, "bands", chunk, "bin"), np.array(out, dtype=BUCKET_ROW))
     return len(texts)
 
 
 def partition_stage(work_dir: str, chunk: int, partitions: int) -> None:
     """Stage 2 for one chunk: split its band rows into the key partitions' bucket files."""
     work = Path(work_dir)
-    rows = np.load(_chunk_name(work, "bands", chunk))
+    rows = np.fromfile(_chunk_name(work, "bands", chunk, "bin"), dtype=BUCKET_ROW)
     part = rows["key"] % np.uint64(partitions)
     for p in range(partitions):
-        _save(work / f"bucket-p{p:05d}-c{chunk:06d}.npy", rows[part == p])
+        _save_rows(_file(work, f"bucket-p{p:05d}-c{chunk:06d}.bin"), rows[part == p])
 
 
 class _Signatures:
-    """Random access to any document's signature through memory maps of the chunk files."""
+    """Random access to any document's signature by reading its row from the chunk file.
+
+    Plain reads, not memory maps: mapped pages count towards the process's resident memory
+    until unmapped, and a partition's pairs touch rows all over the corpus.
+    """
 
     def __init__(self, work: Path, chunk_docs: int):
-        self.work, self.chunk_docs, self.maps = work, chunk_docs, {}
+        self.work, self.chunk_docs, self.files = work, chunk_docs, {}
 
     def __getitem__(self, doc: int) -> np.ndarray:
         c = doc // self.chunk_docs
-        if c not in self.maps:
-            self.maps[c] = np.load(_chunk_name(self.work, "sig", c), mmap_mode="r")
-        return self.maps[c][doc - c * self.chunk_docs]
+        if c not in self.files:
+            fh = open(_chunk_name(self.work, "sig", c), "rb", buffering=0)  # no buffer per file
+            fmt = np.lib.format
+            version = fmt.read_magic(fh)
+            read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+            shape, _, dtype = read(fh)
+            self.files[c] = (fh, fh.tell(), shape[1] * dtype.itemsize, dtype)
+        fh, offset, row_bytes, dtype = self.files[c]
+        fh.seek(offset + (doc - c * self.chunk_docs) * row_bytes)
+        return np.frombuffer(fh.read(row_bytes), dtype=dtype)
+
+    def close(self) -> None:
+        for fh, *_ in self.files.values():
+            fh.close()
+        self.files.clear()
 
 
 def pairs_stage(
@@ -174,7 +196,10 @@ def pairs_stage(
     """
     work = Path(work_dir)
     rows = np.concatenate(
-        [np.load(work / f"bucket-p{partition:05d}-c{c:06d}.npy") for c in range(chunks)]
+        [
+            np.fromfile(_file(work, f"bucket-p{partition:05d}-c{c:06d}.bin"), dtype=BUCKET_ROW)
+            for c in range(chunks)
+        ]
     )
     order = np.lexsort((rows["doc"], rows["key"], rows["band"]))
     rows = rows[order]
@@ -201,8 +226,12 @@ def pairs_stage(
             if whole not in seen_sig:
                 seen_sig.add(whole)
                 firsts.append((doc, whole))
+    sigs.close()
     for c in range(chunks):
-        _save(work / f"edges-c{c:06d}-p{partition:05d}.npy", np.array(edges.get(c, []), EDGE_ROW))
+        _save_rows(
+            _file(work, f"edges-c{c:06d}-p{partition:05d}.bin"),
+            np.array(edges.get(c, []), EDGE_ROW),
+        )
     return len(rows), candidates, confirmed
 
 
@@ -217,7 +246,10 @@ def cluster_stage(work_dir: str, chunks: int, partitions: int, documents: int, c
     max_edges = 0
     for c in range(chunks):
         edges = np.concatenate(
-            [np.load(work / f"edges-c{c:06d}-p{p:05d}.npy") for p in range(partitions)]
+            [
+                np.fromfile(_file(work, f"edges-c{c:06d}-p{p:05d}.bin"), dtype=EDGE_ROW)
+                for p in range(partitions)
+            ]
         )
         max_edges = max(max_edges, len(edges))
         lo = c * chunk_docs
@@ -232,8 +264,16 @@ def cluster_stage(work_dir: str, chunks: int, partitions: int, documents: int, c
         yield c, dup, max_edges
 
 
-def _save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}.npy")
+def _save_rows(path: str, rows: np.ndarray) -> None:
+    """Raw records (no .npy header: parsing a structured header per file allocates and keeps
+    dtype objects, and the stages read chunks x partitions such files)."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    rows.tofile(tmp)
+    os.replace(tmp, path)
+
+
+def _save(path: str, array: np.ndarray) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}.npy"
     np.save(tmp, array)
     os.replace(tmp, path)
 

@@ -69,9 +69,12 @@ def _child(args) -> None:
             dups = int((dup >= 0).sum())
     seconds = time.perf_counter() - start
     # peak RSS of this process and of its (finished) worker processes, in MiB
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(json.dumps({"seconds": seconds, "duplicates": dups, "rss": own, "child_rss": kids}))
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    ch = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = me.ru_utime + me.ru_stime + ch.ru_utime + ch.ru_stime
+    out = {"seconds": seconds, "cpu": cpu, "duplicates": dups}
+    out.update(rss=me.ru_maxrss / 1024, child_rss=ch.ru_maxrss / 1024)
+    print(json.dumps(out))
 
 
 def _run_child(kind: str, n: int, workers: int, chunk: int, work: str, words: int) -> dict:
@@ -108,7 +111,10 @@ def check_real_text() -> None:
 
 def bench_dedup(args) -> None:
     check_real_text()
-    print(f"\n{'variant':<22}{'docs':>8}{'docs/s':>10}{'peak MiB':>10}{'dups':>8}  ratio")
+    print(
+        f"\n{'variant':<22}{'docs':>8}{'docs/s':>10}{'docs/cpu-s':>12}{'peak MiB':>10}"
+        f"{'dups':>8}  ratio (wall)"
+    )
     for n in args.docs:
         base = _run_child("memory", n, 1, args.chunk, args.work, args.words)
         rows = [("memory (baseline)", base, 1)]
@@ -123,7 +129,11 @@ def bench_dedup(args) -> None:
             ratio = f"{rate / (n / base['seconds']):.2f}x memory"
             if w > 1:
                 ratio += f", {rate / (n / one['seconds']):.2f}x 1 worker (goal >= {0.8 * w:.1f})"
-            print(f"{name:<22}{n:>8}{rate:>10.0f}{peak:>10.0f}{r['duplicates']:>8}  {ratio}")
+            per_cpu = n / r["cpu"]
+            print(
+                f"{name:<22}{n:>8}{rate:>10.0f}{per_cpu:>12.0f}{peak:>10.0f}"
+                f"{r['duplicates']:>8}  {ratio}"
+            )
             if r["duplicates"] != base["duplicates"]:
                 sys.exit(f"{name}: {r['duplicates']} duplicates vs {base['duplicates']}")
 

@@ -131,20 +131,17 @@ def signature_stage(
     signer = _Signer(config)
     bands, rows = lsh_bands(config)
     sigs = np.zeros((len(texts), config.num_perm), dtype=np.uint64)
-    empty = np.zeros(len(texts), dtype=bool)
     out = []
     for k, text in enumerate(texts):
         hv = signer(text)
-        if hv is None:
-            empty[k] = True
+        if hv is None:  # never a candidate, as in the in-memory filter
             continue
         sigs[k] = hv
         whole = _h64(hv.tobytes())
         for b in range(bands):
             key = _h64(np.ascontiguousarray(hv[b * rows : (b + 1) * rows]).tobytes())
             out.append((b, key, first_doc + k, whole))
-    _save(_chunk_name(work, "sig", chunk), sigs)
-    _save(_chunk_name(work, "empty", chunk), empty)
+    _save(_chunk_name(work, "sig", chunk), sigs)  # documents without words: zero rows, no bands
     _save_rows(_chunk_name(work, "bands", chunk, "bin"), np.array(out, dtype=BUCKET_ROW))
     return len(texts)
 

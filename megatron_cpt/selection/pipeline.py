@@ -212,6 +212,7 @@ def _index_staged(
 
     from megatron_cpt.selection.staged_dedup import StagedDedupConfig, run_staged_dedup
 
+    StagedDedupConfig("", config.dedup_chunk, config.dedup_workers)  # flags checked first
     barrier = None
     if config.dedup_work_dir:
         work, remove = Path(config.dedup_work_dir), False

@@ -394,11 +394,16 @@ def run_selection(config: SelectionConfig, scorers: dict | None = None) -> dict:
 
     rank, world = _distributed()
     # Built up front (on the rank that writes) so a bad tokenizer fails before any scoring.
-    shard_writer = (
-        SelectedShardWriter(config.shards, config.text_key)
-        if config.shards is not None and rank == 0
-        else None
-    )
+    shard_writer, problem = None, None
+    try:
+        if config.shards is not None and rank == 0:
+            shard_writer = SelectedShardWriter(config.shards, config.text_key)
+    except UserError as err:
+        problem = err
+    if world > 1:  # one rank's bad flag stops every rank (none waits at a barrier for it)
+        problem = _broadcast(problem)
+    if problem is not None:
+        raise problem
     corpus = None
     if staged_dedup(config):  # every rank indexes and runs its share of the dedup stages
         corpus = index_corpus(config, paths, rank, world)

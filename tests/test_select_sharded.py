@@ -155,3 +155,29 @@ def test_killed_rank_resumes_and_matches_one_process(shared_data, tmp_path):
     assert _selected_and_scores(tmp_path / "two.jsonl") == _selected_and_scores(
         tmp_path / "one.jsonl"
     )
+
+
+def test_cache_parts_load_together_and_compact(tmp_path):
+    """Ranks' part files (one torn by a kill) load as one cache; compact() folds them."""
+    from megatron_cpt.selection.cache import ScoreCache
+
+    main = ScoreCache(tmp_path, "filehash", "scorer")
+    main.put(1, 0.5)
+    main.flush()
+    for rank, lines in ((0, (2, 3)), (1, (4, 5))):
+        part = ScoreCache(tmp_path, "filehash", "scorer", part=rank)
+        for line in lines:
+            part.put(line, float(line))
+        part.flush()
+    torn = next(tmp_path.glob("*.part-1.scores.jsonl"))
+    torn.write_bytes(torn.read_bytes() + b'{"line": 6, "sco')  # killed mid-write
+    loaded = ScoreCache(tmp_path, "filehash", "scorer")
+    assert loaded.scores == {1: 0.5, 2: 2.0, 3: 3.0, 4: 4.0, 5: 5.0}
+    # rank 1 restarting repairs its own part and appends after the last whole row
+    again = ScoreCache(tmp_path, "filehash", "scorer", part=1)
+    again.put(6, float("nan"))
+    again.flush()
+    loaded.compact()
+    assert not list(tmp_path.glob("*.part-*"))
+    final = ScoreCache(tmp_path, "filehash", "scorer")
+    assert set(final.scores) == {1, 2, 3, 4, 5, 6} and final.scores[6] != final.scores[6]

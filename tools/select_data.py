@@ -1,5 +1,8 @@
 """Select a compute-efficient subset of a domain corpus (FinPythia ETS-/ETA-DACP).
 
+Under torchrun (``torchrun --nproc_per_node N tools/select_data.py ...``) each rank scores its
+share of the documents; the selection equals the one-process run's.
+
 Examples:
   # ETS-DACP: the 10% of filings most similar to the target tasks' data
   python tools/select_data.py --input 'edgar/*.jsonl.zst' --task-data fpb.jsonl fiqa.jsonl \\
@@ -19,13 +22,16 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from megatron_cpt.cli import run  # noqa: E402
+from megatron_cpt.errors import UserError  # noqa: E402
 from megatron_cpt.selection.dedup import DedupConfig  # noqa: E402
 from megatron_cpt.selection.perplexity import PerplexityConfig  # noqa: E402
 from megatron_cpt.selection.pipeline import SelectionConfig, parse_metrics, run_selection  # noqa: E402
 from megatron_cpt.selection.pos_entropy import PosEntropyConfig  # noqa: E402
 from megatron_cpt.selection.sampling import Budget  # noqa: E402
 from megatron_cpt.selection.similarity import SimilarityConfig  # noqa: E402
+from megatron_cpt.selection.to_shards import ShardOutputConfig  # noqa: E402
 from megatron_cpt.selection.tokens import TokenCounterConfig  # noqa: E402
+from megatron_cpt.tokenizers import TOKENIZER_TYPES  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +51,17 @@ def build_parser() -> argparse.ArgumentParser:
     io.add_argument("--cache-dir", help="score cache (default ~/.cache/megatron_cpt/...)")
     io.add_argument("--chunk-size", type=int, default=64, help="docs per scoring call/flush")
     io.add_argument("--no-progress", action="store_true")
+
+    sh = p.add_argument_group("selection straight to megatron-core shards")
+    sh.add_argument(
+        "--output-prefix",
+        help="also write the selection as {prefix}_{text-key}_document.bin/.idx "
+        "(as tools/preprocess_data.py would from --output)",
+    )
+    sh.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, help="shard tokenizer type")
+    sh.add_argument("--tokenizer-model", help="shard tokenizer file/dir")
+    sh.add_argument("--append-eod", action="store_true", help="end-of-document token in shards")
+    sh.add_argument("--shard-workers", type=int, default=1, help="tokenizer processes")
 
     sel = p.add_argument_group("selection")
     sel.add_argument(
@@ -87,7 +104,42 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--dedup-threshold", type=float, default=DedupConfig.threshold)
     dd.add_argument("--dedup-shingle-size", type=int, default=DedupConfig.shingle_size)
     dd.add_argument("--dedup-num-perm", type=int, default=DedupConfig.num_perm)
+    dd.add_argument(
+        "--dedup-workers", type=int, default=1, help="processes computing MinHash signatures"
+    )
+    dd.add_argument(
+        "--dedup-chunk",
+        type=int,
+        default=SelectionConfig.dedup_chunk,
+        help="documents per dedup chunk: bounds the memory of every dedup stage",
+    )
+    dd.add_argument(
+        "--dedup-work-dir", help="stage files (default: a temporary dir next to --output)"
+    )
+    dd.add_argument(
+        "--dedup-in-memory",
+        action="store_true",
+        help="one whole-corpus datasketch index instead of the staged files (same result)",
+    )
     return p
+
+
+def _shards(args: argparse.Namespace) -> ShardOutputConfig | None:
+    if args.output_prefix is None:
+        for flag in ("tokenizer_type", "tokenizer_model"):
+            if getattr(args, flag) is not None:
+                raise UserError(f"--{flag.replace('_', '-')} is only used with --output-prefix")
+        return None
+    for flag in ("tokenizer_type", "tokenizer_model"):
+        if getattr(args, flag) is None:
+            raise UserError(f"--output-prefix needs --{flag.replace('_', '-')}")
+    return ShardOutputConfig(
+        output_prefix=args.output_prefix,
+        tokenizer_type=args.tokenizer_type,
+        tokenizer_model=args.tokenizer_model,
+        append_eod=args.append_eod,
+        workers=args.shard_workers,
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> SelectionConfig:
@@ -112,6 +164,11 @@ def config_from_args(args: argparse.Namespace) -> SelectionConfig:
         chunk_size=args.chunk_size,
         skip_bad_lines=args.skip_bad_lines,
         progress=not args.no_progress,
+        shards=_shards(args),
+        dedup_in_memory=args.dedup_in_memory,
+        dedup_workers=args.dedup_workers,
+        dedup_chunk=args.dedup_chunk,
+        dedup_work_dir=args.dedup_work_dir,
         dedup=DedupConfig(
             enabled=not args.no_dedup,
             shingle_size=args.dedup_shingle_size,
@@ -139,6 +196,8 @@ def config_from_args(args: argparse.Namespace) -> SelectionConfig:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     summary = run_selection(config_from_args(args))
+    if not summary:  # a rank > 0 of a sharded (torchrun) run: rank 0 writes and reports
+        return 0
     counts, tokens = summary["counts"], summary["tokens"]
     print(
         f"selected {counts['selected']}/{counts['kept_after_dedup']} documents "

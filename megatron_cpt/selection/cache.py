@@ -24,14 +24,26 @@ def cache_key(file_hash: str, scorer_key: str) -> str:
 class ScoreCache:
     """Scores of one scorer on one input file, loaded from and appended to disk."""
 
-    def __init__(self, root: str | Path, file_hash: str, scorer_key: str, source: str = ""):
+    def __init__(
+        self,
+        root: str | Path,
+        file_hash: str,
+        scorer_key: str,
+        source: str = "",
+        part: int | None = None,
+    ):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         key = cache_key(file_hash, scorer_key)
-        self.path = self.root / f"{key}.scores.jsonl"
+        self.main_path = self.root / f"{key}.scores.jsonl"
+        self._part_glob = f"{key}.part-*.scores.jsonl"
+        # Where this process appends: the main file, or its rank's part file.
+        self.path = (
+            self.main_path if part is None else self.root / f"{key}.part-{part}.scores.jsonl"
+        )
         meta = self.root / f"{key}.meta.json"
         if not meta.exists():  # human-readable record of what the opaque name holds
-            tmp = meta.with_suffix(".tmp")
+            tmp = meta.with_name(f"{meta.name}.tmp-{os.getpid()}")
             tmp.write_text(
                 json.dumps({"file_hash": file_hash, "scorer": scorer_key, "source": source}) + "\n"
             )
@@ -40,31 +52,32 @@ class ScoreCache:
         self._pending: list[tuple[int, float]] = []
         self._load()
 
+    def part_paths(self) -> list[Path]:
+        return sorted(self.root.glob(self._part_glob))
+
     def _load(self) -> None:
-        if not self.path.exists():
+        for path in [self.main_path, *self.part_paths()]:
+            if not path.exists():
+                continue
+            scores = _read_rows(path)
+            self.scores.update(scores)
+            # Our own append target loses its torn tail so later appends start on a fresh line;
+            # other ranks' files are only read (their owner or compact() repairs them).
+            if path == self.path and path.stat().st_size != _size(scores):
+                _rewrite(path, scores)
+
+    def compact(self) -> None:
+        """Fold every part file into the main file (run by one process when no rank writes)."""
+        parts = self.part_paths()
+        if not parts:
             return
-        with open(self.path, encoding="utf-8") as fh:
-            for raw in fh:
-                if not raw.endswith("\n"):
-                    break  # torn write from an interrupted run: re-score that document
-                try:
-                    row = json.loads(raw)
-                    self.scores[int(row["line"])] = _decode(row["score"])
-                except (ValueError, KeyError, TypeError):
-                    break
-        # Rewrite without the torn tail so later appends start on a fresh line.
-        if self.scores and self.path.stat().st_size != self._expected_size():
-            self._rewrite()
-
-    def _expected_size(self) -> int:
-        return sum(len(_row(line, score)) for line, score in self.scores.items())
-
-    def _rewrite(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            for line, score in self.scores.items():
-                fh.write(_row(line, score))
-        os.replace(tmp, self.path)
+        merged = _read_rows(self.main_path) if self.main_path.exists() else {}
+        for path in parts:
+            merged.update(_read_rows(path))
+        _rewrite(self.main_path, merged)
+        for path in parts:
+            path.unlink(missing_ok=True)
+        self.scores.update(merged)
 
     def __contains__(self, line: int) -> bool:
         return line in self.scores
@@ -85,6 +98,32 @@ class ScoreCache:
             fh.flush()
             os.fsync(fh.fileno())
         self._pending.clear()
+
+
+def _read_rows(path: Path) -> dict[int, float]:
+    scores: dict[int, float] = {}
+    with open(path, encoding="utf-8") as fh:
+        for raw in fh:
+            if not raw.endswith("\n"):
+                break  # torn write from an interrupted run: re-score that document
+            try:
+                row = json.loads(raw)
+                scores[int(row["line"])] = _decode(row["score"])
+            except (ValueError, KeyError, TypeError):
+                break
+    return scores
+
+
+def _size(scores: dict[int, float]) -> int:
+    return sum(len(_row(line, score)) for line, score in scores.items())
+
+
+def _rewrite(path: Path, scores: dict[int, float]) -> None:
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for line, score in scores.items():
+            fh.write(_row(line, score))
+    os.replace(tmp, path)
 
 
 def _row(line: int, score: float) -> str:

@@ -57,7 +57,7 @@ class NearDuplicateFilter:
         self._lsh = MinHashLSH(threshold=config.threshold, num_perm=config.num_perm)
         # Permutations are drawn once; building them per document dominates the cost otherwise.
         self._template = MinHash(num_perm=config.num_perm, seed=config.seed)
-        self._signatures: dict[str, MinHash] = {}
+        self._signatures: dict[str, tuple[MinHash, int]] = {}  # key -> (MinHash, order)
         self.checked = 0
         self.duplicates = 0
 
@@ -84,14 +84,19 @@ class NearDuplicateFilter:
             mh is None
         ):  # no words at all: nothing to compare, keep (empty docs are filtered earlier)
             return None
-        best: tuple[float, str] | None = None
+        best: tuple[float, int, str] | None = None
         for candidate in self._lsh.query(mh):
-            similarity = mh.jaccard(self._signatures[candidate])
-            if similarity >= self.config.threshold and (best is None or similarity > best[0]):
-                best = (similarity, candidate)
+            stored, order = self._signatures[candidate]
+            similarity = mh.jaccard(stored)
+            # most similar first; on a tie the earliest (not the set's hash order), so the
+            # staged dedup (staged_dedup.py) can make the same choice
+            if similarity >= self.config.threshold and (
+                best is None or (similarity, -order) > (best[0], -best[1])
+            ):
+                best = (similarity, order, candidate)
         if best is not None:
             self.duplicates += 1
-            return best[1]
+            return best[2]
         self._lsh.insert(key, mh)
-        self._signatures[key] = mh
+        self._signatures[key] = (mh, len(self._signatures))
         return None

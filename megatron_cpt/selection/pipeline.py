@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from megatron_cpt.selection.perplexity import PerplexityConfig, PerplexityScorer
 from megatron_cpt.selection.pos_entropy import PosEntropyConfig, PosEntropyScorer
 from megatron_cpt.selection.sampling import Budget, combine, ranking_order, select
 from megatron_cpt.selection.similarity import SimilarityConfig, TaskSimilarityScorer
+from megatron_cpt.selection.to_shards import SelectedShardWriter, ShardOutputConfig
 from megatron_cpt.selection.tokens import TokenCounter, TokenCounterConfig
 
 METRICS = ("similarity", "perplexity", "pos-entropy", "random")
@@ -77,6 +79,13 @@ class SelectionConfig:
     skip_bad_lines: bool = False
     progress: bool = True
     dedup: DedupConfig = field(default_factory=DedupConfig)
+    # How dedup runs (not what it computes): staged over files in chunks with parallel
+    # signature workers (default), or the whole-corpus in-memory index (``dedup_in_memory``).
+    dedup_in_memory: bool = False
+    dedup_workers: int = 1
+    dedup_chunk: int = 50_000
+    dedup_work_dir: str | None = None  # default: a temporary directory next to the output
+    shards: ShardOutputConfig | None = None  # also write the selection as megatron-core shards
     similarity: SimilarityConfig = field(default_factory=SimilarityConfig)
     perplexity: PerplexityConfig = field(default_factory=PerplexityConfig)
     pos_entropy: PosEntropyConfig = field(default_factory=PosEntropyConfig)
@@ -139,11 +148,33 @@ def _records(path: str, config: SelectionConfig, skipped: Counter):
         yield record, raw, text
 
 
-def index_corpus(config: SelectionConfig, paths: list[Path]) -> Corpus:
-    """Pass 1: locate documents, hash file contents (the cache key), find near-duplicates."""
+def index_corpus(
+    config: SelectionConfig, paths: list[Path], rank: int = 0, world: int = 1
+) -> Corpus:
+    """Pass 1: locate documents, hash file contents (the cache key), find near-duplicates.
+
+    With ``world`` > 1 only the staged dedup is spread over the ranks (see _index_staged).
+    """
     corpus = Corpus()
+    if staged_dedup(config):
+        return _index_staged(config, paths, corpus, rank, world)
     dedup = NearDuplicateFilter(config.dedup) if config.dedup.enabled else None
     key_to_doc: dict[str, int] = {}
+    for i, text in _index_documents(config, paths, corpus):
+        dup = None
+        if dedup is not None:
+            key = f"{corpus.file_idx[i]}:{corpus.lines[i]}"
+            first = dedup.check(key, text)
+            if first is None:
+                key_to_doc[key] = i
+            else:
+                dup = key_to_doc[first]
+        corpus.duplicate_of.append(dup)
+    return corpus
+
+
+def _index_documents(config: SelectionConfig, paths: list[Path], corpus: Corpus):
+    """Fill ``corpus`` with every document's location and id; yields ``(index, text)``."""
     bar = tqdm(desc="index+dedup", unit="doc", disable=not config.progress)
     for path in paths:
         name = str(path)
@@ -159,34 +190,85 @@ def index_corpus(config: SelectionConfig, paths: list[Path]) -> Corpus:
             corpus.lines.append(record.line)
             doc_id = record.obj.get(config.id_key)
             corpus.ids.append(None if doc_id is None else str(doc_id))
-            dup = None
-            if dedup is not None:
-                key = f"{len(corpus.files) - 1}:{record.line}"
-                first = dedup.check(key, text)
-                if first is None:
-                    key_to_doc[key] = i
-                else:
-                    dup = key_to_doc[first]
-            corpus.duplicate_of.append(dup)
+            yield i, text
             bar.update(1)
     bar.close()
+
+
+def staged_dedup(config: SelectionConfig) -> bool:
+    return config.dedup.enabled and not config.dedup_in_memory
+
+
+def _index_staged(
+    config: SelectionConfig, paths: list[Path], corpus: Corpus, rank: int = 0, world: int = 1
+) -> Corpus:
+    """Index while the staged dedup takes the texts chunk by chunk (memory: one chunk).
+
+    Under torchrun every rank indexes (the same metadata) and signs/pairs its share of the
+    chunks; the stage files go to a directory all ranks share (next to ``--output``, or
+    ``--dedup-work-dir``), which must be on a shared filesystem for multi-node runs.
+    """
+    import shutil
+    import tempfile
+
+    from megatron_cpt.selection.staged_dedup import StagedDedupConfig, run_staged_dedup
+
+    StagedDedupConfig("", config.dedup_chunk, config.dedup_workers)  # flags checked first
+    barrier = None
+    if config.dedup_work_dir:
+        work, remove = Path(config.dedup_work_dir), False
+    else:
+        parent = Path(config.output).resolve().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        if world == 1:
+            work = Path(tempfile.mkdtemp(prefix=".dedup-", dir=parent))
+        else:  # one name all ranks agree on
+            tag = hashlib.sha256(str(Path(config.output).resolve()).encode()).hexdigest()[:12]
+            work = parent / f".dedup-{tag}"
+        remove = True
+    if world > 1:
+        import torch.distributed as dist
+
+        barrier = dist.barrier
+    staged = StagedDedupConfig(str(work), config.dedup_chunk, config.dedup_workers)
+    try:
+        texts = (text for _, text in _index_documents(config, paths, corpus))
+        duplicate_of, _ = run_staged_dedup(texts, config.dedup, staged, rank, world, barrier)
+        if barrier is not None:
+            barrier()  # every rank has read every edge file
+    finally:
+        if remove and rank == 0:
+            shutil.rmtree(work, ignore_errors=True)
+    corpus.duplicate_of = [None if d < 0 else int(d) for d in duplicate_of.tolist()]
     return corpus
 
 
 def score_corpus(
-    config: SelectionConfig, corpus: Corpus, scorers: dict, root: Path
-) -> tuple[dict, dict]:
-    """Scores of kept documents per metric (NaN for duplicates), from the cache or computed."""
+    config: SelectionConfig,
+    corpus: Corpus,
+    scorers: dict,
+    root: Path,
+    rank: int = 0,
+    world: int = 1,
+) -> tuple[dict, dict, int]:
+    """Scores of kept documents per metric (NaN for duplicates), from the cache or computed.
+
+    With ``world`` ranks, the documents some cache lacks are listed in corpus order (the same
+    list on every rank, since every rank reads the same cache) and rank ``r`` scores the
+    ``r``-th contiguous block of it, appending to its own part of the cache. Returns the scores
+    this rank knows (cached + its own), cache statistics, and how many documents it scored.
+    """
     kept = [i for i in range(len(corpus)) if corpus.duplicate_of[i] is None]
     by_file: dict[int, list[int]] = {}
     for i in kept:
         by_file.setdefault(corpus.file_idx[i], []).append(i)
     results = {name: np.full(len(corpus), np.nan) for name in scorers}
     stats = {name: {"cached": 0, "scored": 0} for name in scorers}
+    part = None if world == 1 else rank
     work = []  # (file index, {scorer: cache}, lines still to score per scorer)
     for f, docs in by_file.items():
         caches = {
-            name: ScoreCache(root, corpus.file_hashes[f], s.key, corpus.files[f])
+            name: ScoreCache(root, corpus.file_hashes[f], s.key, corpus.files[f], part=part)
             for name, s in scorers.items()
         }
         missing = {}
@@ -201,11 +283,19 @@ def score_corpus(
             missing[name] = todo
         if any(missing.values()):
             work.append((f, caches, missing))
-    total = sum(len(t) for _, _, m in work for t in m.values())
+    # This rank's share: a contiguous block of the (file, line) pairs some scorer lacks.
+    pending = [(f, line) for f, _, m in work for line in sorted(set().union(*m.values()))]
+    lo, hi = len(pending) * rank // world, len(pending) * (rank + 1) // world
+    mine: dict[int, set[int]] = {}
+    for f, line in pending[lo:hi]:
+        mine.setdefault(f, set()).add(line)
+    total = sum(len(t & mine.get(f, set())) for f, _, m in work for t in m.values())
     bar = tqdm(total=total, desc="scoring", unit="score", disable=not config.progress or not total)
     for f, caches, missing in work:
+        wanted = mine.get(f)
+        if not wanted:
+            continue
         line_to_doc = {corpus.lines[i]: i for i in by_file[f]}
-        wanted = set().union(*missing.values())
         chunk: list[tuple[int, str]] = []
 
         def flush_chunk(chunk=chunk, caches=caches, missing=missing, line_to_doc=line_to_doc):
@@ -229,7 +319,22 @@ def score_corpus(
                     flush_chunk()
         flush_chunk()
     bar.close()
-    return results, stats
+    return results, stats, hi - lo
+
+
+def merge_rank_scores(corpus: Corpus, scorers: dict, root: Path, results: dict) -> None:
+    """Fold the ranks' cache parts into the main cache files and fill in their scores."""
+    by_file: dict[int, list[int]] = {}
+    for i in range(len(corpus)):
+        if corpus.duplicate_of[i] is None:
+            by_file.setdefault(corpus.file_idx[i], []).append(i)
+    for f, docs in by_file.items():
+        for name, s in scorers.items():
+            cache = ScoreCache(root, corpus.file_hashes[f], s.key, corpus.files[f])
+            cache.compact()
+            for i in docs:
+                if np.isnan(results[name][i]) and corpus.lines[i] in cache:
+                    results[name][i] = cache.get(corpus.lines[i])
 
 
 def _distribution(values: np.ndarray) -> dict:
@@ -292,10 +397,54 @@ def run_selection(config: SelectionConfig, scorers: dict | None = None) -> dict:
     check_output_dir(root, "--cache-dir")
     scorers = scorers if scorers is not None else build_scorers(config)
 
-    corpus = index_corpus(config, paths)
+    rank, world = _distributed()
+    # Built up front (on the rank that writes) so a bad tokenizer fails before any scoring.
+    shard_writer, problem = None, None
+    try:
+        if config.shards is not None and rank == 0:
+            shard_writer = SelectedShardWriter(config.shards, config.text_key)
+    except UserError as err:
+        problem = err
+    if world > 1:  # one rank's bad flag stops every rank (none waits at a barrier for it)
+        problem = _broadcast(problem)
+    if problem is not None:
+        raise problem
+    corpus = None
+    if staged_dedup(config):  # every rank indexes and runs its share of the dedup stages
+        corpus = index_corpus(config, paths, rank, world)
+    else:  # rank 0 indexes (and dedups in memory); the others receive the metadata, no texts
+        if rank == 0:
+            try:
+                corpus = index_corpus(config, paths)
+            except UserError as err:  # tell the other ranks instead of leaving them waiting
+                corpus = err
+        if world > 1:
+            corpus = _broadcast(corpus)
+    if isinstance(corpus, UserError):
+        raise corpus
     if not len(corpus):
         raise UserError(f"--input {' '.join(config.inputs)}: no documents with a text")
-    scores, cache_stats = score_corpus(config, corpus, scorers, root)
+    started = time.perf_counter()
+    scores, cache_stats, scored_here = score_corpus(config, corpus, scorers, root, rank, world)
+    seconds_here = round(time.perf_counter() - started, 3)
+    scored_per_rank, seconds_per_rank = [scored_here], [seconds_here]
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list = [None] * world
+        dist.all_gather_object(gathered, (scored_here, cache_stats, seconds_here))  # a barrier
+        scored_per_rank = [n for n, _, _ in gathered]
+        seconds_per_rank = [t for _, _, t in gathered]
+        cache_stats = {
+            name: {k: sum(st[name][k] for _, st, _ in gathered) for k in ("cached", "scored")}
+            for name in cache_stats
+        }
+        # every rank counted the cached documents: count them once
+        for name in cache_stats:
+            cache_stats[name]["cached"] //= world
+        if rank != 0:
+            return {}
+    merge_rank_scores(corpus, scorers, root, scores)
     kept = np.array([d is None for d in corpus.duplicate_of])
     kept_idx = np.flatnonzero(kept)
     if "random" in config.metrics:
@@ -317,8 +466,9 @@ def run_selection(config: SelectionConfig, scorers: dict | None = None) -> dict:
     full_rank = np.zeros(len(corpus), dtype=np.int64)
     full_rank[kept_idx] = rank
 
-    # Selected documents: original bytes, input order.
-    with _AtomicWriter(out_path, "wb") as fh:
+    # Selected documents: original bytes, input order (and, with --output-prefix, as shards
+    # tokenized from the same lines in the same pass).
+    def selected_lines(fh):
         doc = 0
         for name in corpus.files:
             for record, raw, _ in _records(name, config, Counter()):
@@ -326,7 +476,16 @@ def run_selection(config: SelectionConfig, scorers: dict | None = None) -> dict:
                     raise UserError(f"{name} changed while it was being selected from; re-run")
                 if selected[doc]:
                     fh.write(raw if raw.endswith(b"\n") else raw + b"\n")
+                    yield name, record.line, raw
                 doc += 1
+
+    shard_summary = None
+    with _AtomicWriter(out_path, "wb") as fh:
+        if shard_writer is not None:
+            shard_summary = shard_writer.run(selected_lines(fh))
+        else:
+            for _ in selected_lines(fh):
+                pass
     with _AtomicWriter(scores_path, "w") as fh:
         for i in range(len(corpus)):
             dup = corpus.duplicate_of[i]
@@ -346,7 +505,11 @@ def run_selection(config: SelectionConfig, scorers: dict | None = None) -> dict:
     sel_idx = kept_idx[chosen]
     summary = {
         "inputs": corpus.files,
-        "outputs": {"selected": str(out_path), "scores": str(scores_path)},
+        "outputs": {
+            "selected": str(out_path),
+            "scores": str(scores_path),
+            **({"shards": shard_summary} if shard_summary is not None else {}),
+        },
         "config": {
             "metrics": list(config.metrics),
             "sampling": config.sampling,
@@ -375,6 +538,9 @@ def run_selection(config: SelectionConfig, scorers: dict | None = None) -> dict:
             for m in (*config.metrics, "tokens")
         },
         "cache": {"dir": str(root), **{k: v for k, v in cache_stats.items()}},
+        "ranks": world,
+        "scored_per_rank": scored_per_rank,
+        "scoring_seconds_per_rank": seconds_per_rank,  # incl. model loading on first use
     }
     if len(config.metrics) > 1:
         summary["metrics"]["rank_average"] = {
@@ -385,6 +551,26 @@ def run_selection(config: SelectionConfig, scorers: dict | None = None) -> dict:
         json.dump(summary, fh, indent=2)
         fh.write("\n")
     return summary
+
+
+def _distributed() -> tuple[int, int]:
+    """``(rank, world size)``: a process group only when launched by torchrun with > 1 rank.
+
+    Each rank scores on its own device (``cuda:LOCAL_RANK`` via the platform layer, else CPU).
+    """
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0, 1
+    from megatron_cpt import platform
+
+    return platform.init_process_group_only()
+
+
+def _broadcast(obj):
+    import torch.distributed as dist
+
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def _json_float(value: float):

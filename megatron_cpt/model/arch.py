@@ -107,8 +107,8 @@ class LlamaArch:
         if self.kv_channels % 2:
             bad(f"head_dim ({self.kv_channels}) must be even for RoPE")
         self.family_module  # noqa: B018 -- an unknown family fails here, naming the field
-        if self.sliding_window is not None and self.family != "mistral":
-            bad(f"sliding_window is a Mistral field (family {self.family})")
+        if self.sliding_window is not None and not self.family_module.SLIDING_WINDOW:
+            bad(f"family {self.family} has no sliding_window")
         return self
 
     def replace(self, **changes: Any) -> LlamaArch:

@@ -130,8 +130,8 @@ class LlamaArch:
                     "must be even for RoPE"
                 )
         self.family_module  # noqa: B018 -- an unknown family fails here, naming the field
-        if self.sliding_window is not None and self.family != "mistral":
-            bad(f"sliding_window is a Mistral field (family {self.family})")
+        if self.sliding_window is not None and not self.family_module.SLIDING_WINDOW:
+            bad(f"family {self.family} has no sliding_window")
         return self
 
     _LLAMA_CHOICES = (

@@ -2,9 +2,10 @@
 
 Each family module is the whole difference between its family and every other: which HF config
 keys it reads and writes (``arch_fields`` / ``hf_config``), which HF tensors one decoder layer
-has (``hf_layer_names``), the megatron-core features it switches on (``QKV_BIAS``, ``QK_NORM``),
-how llama.cpp stores it (``GGUF_ARCH``, ``GGUF_ROPE_PERMUTED``) and its presets, written as the
-published ``config.json`` values. Everything else (the converter's tensor transforms, the
+has (``hf_layer_names``), the megatron-core features it switches on (``QKV_BIAS``,
+``QK_NORM``), whether it has a sliding window (``SLIDING_WINDOW``), how llama.cpp stores it
+(``GGUF_ARCH``, ``GGUF_ROPE_PERMUTED``) and its presets, written as the published
+``config.json`` values. Everything else (the converter's tensor transforms, the
 builder, the trainer, merging, evaluation) is shared and reads these attributes, so adding a
 family is adding one module here: the registry below finds every module of this package.
 
@@ -26,6 +27,7 @@ _REQUIRED = (
     "HF_ARCHITECTURE",
     "QKV_BIAS",
     "QK_NORM",
+    "SLIDING_WINDOW",
     "GGUF_ARCH",
     "GGUF_ROPE_PERMUTED",
     "DEFAULTS",

@@ -9,6 +9,7 @@ MODEL_TYPE = "llama"
 HF_ARCHITECTURE = "LlamaForCausalLM"
 QKV_BIAS = False
 QK_NORM = False
+SLIDING_WINDOW = False
 GGUF_ARCH = "llama"  # llama.cpp's name; Mistral GGUFs use it too (and read back as llama)
 GGUF_ROPE_PERMUTED = True  # llama.cpp interleaves each q/k head's rows for llama
 DEFAULTS = {"rms_norm_eps": 1e-6, "max_position_embeddings": 2048}  # LlamaConfig's

@@ -11,6 +11,7 @@ MODEL_TYPE = "mistral"
 HF_ARCHITECTURE = "MistralForCausalLM"
 QKV_BIAS = False
 QK_NORM = False
+SLIDING_WINDOW = True  # arch.sliding_window: refused beyond it
 GGUF_ARCH = None  # llama.cpp writes Mistral 7B as "llama": such a GGUF converts as llama
 GGUF_ROPE_PERMUTED = True
 DEFAULTS = {"rms_norm_eps": 1e-6, "max_position_embeddings": 4096 * 32, "sliding_window": 4096}

@@ -11,6 +11,7 @@ MODEL_TYPE = "qwen2"
 HF_ARCHITECTURE = "Qwen2ForCausalLM"
 QKV_BIAS = True
 QK_NORM = False
+SLIDING_WINDOW = False
 GGUF_ARCH = "qwen2"
 GGUF_ROPE_PERMUTED = False  # llama.cpp keeps HF's rotate-half order for qwen2
 DEFAULTS = {"rms_norm_eps": 1e-6, "max_position_embeddings": 32768}  # Qwen2Config's

@@ -12,6 +12,7 @@ MODEL_TYPE = "qwen3"
 HF_ARCHITECTURE = "Qwen3ForCausalLM"
 QKV_BIAS = False
 QK_NORM = True
+SLIDING_WINDOW = False
 GGUF_ARCH = "qwen3"
 GGUF_ROPE_PERMUTED = False
 # Qwen3Config's defaults; head_dim 128 is why a config.json without it is not hidden // heads

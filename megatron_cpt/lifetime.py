@@ -9,12 +9,26 @@ SIGKILL the moment the parent thread that forked it exits. Elsewhere (macOS) chi
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import signal
 import sys
 
 _PR_SET_PDEATHSIG = 1
+
+
+def _load_libc():
+    # Loaded once, in the parent: a freshly forked child should not dlopen (or, as
+    # ctypes.util.find_library does, run ldconfig in a subprocess).
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)  # the process's own namespace holds libc
+        return libc if hasattr(libc, "prctl") else None
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def die_with_parent(parent_pid: int) -> bool:
@@ -24,12 +38,8 @@ def die_with_parent(parent_pid: int) -> bool:
     and this call, the child exits at once (the signal would never come).
     """
     armed = False
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            armed = libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) == 0
-        except (OSError, AttributeError):
-            armed = False
+    if _LIBC is not None:
+        armed = _LIBC.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
     if not parent_alive(parent_pid):
         os._exit(1)
     return armed

@@ -93,6 +93,7 @@ def test_truncated_distcp_in_evaluate_megatron_is_one_line(tiny_dirs, tmp_path):
     assert_one_line(run_tool("evaluate.py", [*args, "--seq-length", "64"]), "truncated")
 
 
+@pytest.mark.slow  # imports all of lm-eval in a subprocess
 def test_lm_eval_entry_point_refuses_unsafe_checkpoint_in_one_line(tiny_dirs):
     cmd = [sys.executable, "-m", "megatron_cpt.evaluation.lm_eval_main", "--model", "megatron-cpt"]
     cmd += ["--model_args", f"megatron={tiny_dirs['evil']}", "--tasks", "fpb", "--limit", "2"]

@@ -54,6 +54,7 @@ def test_save_under_a_file_refused_before_the_model_is_built(shards, tmp_path): 
     assert files_under(tmp_path) == ["file"]
 
 
+@pytest.mark.slow  # its fixture is a 4-iteration training run with two saves
 def test_truncated_pretrained_checkpoint_is_one_line_and_leaves_no_metrics(
     shards,  # noqa: F811
     two_checkpoints,

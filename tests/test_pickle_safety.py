@@ -114,7 +114,10 @@ def test_non_tensor_item_that_runs_code_is_refused(tmp_path):
         "evil": ShardedObject("evil", _RunsCode(marker), (1,), (0,), replica_id=0),
     }
     (tmp_path / "ckpt").mkdir()
-    dist_checkpointing.save(sharded, str(tmp_path / "ckpt"))
+    from megatron_cpt.training.writer_processes import owned_writer_processes
+
+    with owned_writer_processes():  # megatron-core's own Manager would outlive the test
+        dist_checkpointing.save(sharded, str(tmp_path / "ckpt"))
     assert not marker.exists()
     with pytest.raises(UserError, match=r"item evil.*weights_only=True"):
         check_checkpoint_pickles(tmp_path / "ckpt")

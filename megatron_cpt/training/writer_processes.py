@@ -48,16 +48,18 @@ def owned_writer_processes():
     global _saver_pid
     fa = _results_module()
     manager = None
-    if getattr(fa, "_results_queue", None) is None and hasattr(fa, "_get_write_results_queue"):
+    previous = getattr(fa, "_results_queue", None)
+    _saver_pid = os.getpid()
+    if hasattr(fa, "_get_write_results_queue"):
+        # Always ours, even if someone else's (possibly dead) queue is in place; theirs is put
+        # back afterwards.
         manager = SyncManager(ctx=mp.get_context("fork"))
-        _saver_pid = os.getpid()
         manager.start()
         fa._results_queue = manager.Queue()
-    _saver_pid = os.getpid()
     try:
         yield
     finally:
         _saver_pid = None
         if manager is not None:
-            fa._results_queue = None
+            fa._results_queue = previous
             manager.shutdown()

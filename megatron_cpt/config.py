@@ -170,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(parser)
     _add_checkpoint_args(parser)
     _add_logging_args(parser)
+    add_optimizer_path_args(parser)
     return parser
 
 
@@ -301,3 +302,36 @@ class ResolvedConfig:
     checkpoint: CheckpointSettings
     logging: LoggingSettings
     extra: dict = field(default_factory=dict)
+
+
+def add_optimizer_path_args(parser: argparse.ArgumentParser) -> None:
+    """Megatron-LM's flags for how gradients and parameters move (issue 14, part B)."""
+    g = parser.add_argument_group("gradient reduction and overlap")
+    g.add_argument(
+        "--overlap-grad-reduce",
+        action="store_true",
+        help="reduce each gradient bucket during backward instead of after it",
+    )
+    g.add_argument(
+        "--overlap-param-gather",
+        action="store_true",
+        help="with --use-distributed-optimizer: all-gather updated parameters bucket by bucket "
+        "during the next forward",
+    )
+    g.add_argument(
+        "--grad-reduce-in-bf16",
+        action="store_true",
+        help="reduce gradients in bf16 instead of fp32 (halves the reduce traffic)",
+    )
+    g.add_argument(
+        "--calculate-per-token-loss",
+        action="store_true",
+        help="scale gradients by the global number of loss tokens instead of averaging "
+        "per-micro-batch means",
+    )
+    g.add_argument(
+        "--cross-entropy-loss-fusion",
+        action="store_true",
+        help="megatron-core's fused (native, TE-free) vocab-parallel cross entropy; on CPU a "
+        "no-op (the fusion is a CUDA kernel)",
+    )

@@ -42,7 +42,7 @@ from megatron_cpt.model import (
     padded_vocab_size,
     validate_parallelism,
 )
-from megatron_cpt.training import checkpointing
+from megatron_cpt.training import checkpointing, context_parallel
 from megatron_cpt.training.data import (
     DataSettings,
     MicroBatches,
@@ -60,8 +60,11 @@ from megatron_cpt.training.optimizer import (
     build_optimizer,
     build_scheduler,
     current_lr,
+    optimizer_step,
+    validate_ddp_flags,
     wrap_ddp,
 )
+from megatron_cpt.training.overlap import OverlapControl
 
 # Test hook (exact-resume test): pause inside this iteration, after forward/backward and before
 # the optimizer step, so that a SIGKILL lands mid-iteration deterministically.
@@ -141,8 +144,9 @@ def build_settings(args: argparse.Namespace) -> dict:
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
     )
     validate_parallelism(arch, build, world)
-    if args.bf16 and not platform.has_cuda():
-        raise UserError("--bf16 needs a GPU here (CPU runs train in fp32)")
+    context_parallel.validate(
+        build.context_parallel, args.seq_length, platform.have_transformer_engine()
+    )
     dp = world // (build.tensor_parallel * build.pipeline_parallel * build.context_parallel)
     batch = batch_settings(args, dp)
     if args.seq_length > arch.max_position_embeddings:
@@ -203,11 +207,13 @@ def build_settings(args: argparse.Namespace) -> dict:
         clip_grad=args.clip_grad,
         bf16=args.bf16,
         use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
+        grad_reduce_in_bf16=args.grad_reduce_in_bf16,
     )
+    validate_ddp_flags(optim)
     if args.min_lr > args.lr:
         raise UserError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
-    if args.use_distributed_optimizer and not platform.has_cuda():
-        raise UserError("--use-distributed-optimizer needs GPUs (it refuses CPU tensors)")
     sched = ScheduleSettings(
         train_iters=batch.train_iters,
         lr_warmup_iters=warmup,
@@ -256,16 +262,17 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
     dev = platform.device()
-    tokens = batch["tokens"].to(dev, non_blocking=True)
-    labels = batch["labels"].to(dev, non_blocking=True)
-    loss_mask = batch["loss_mask"].to(dev, non_blocking=True)
-    position_ids = batch["position_ids"].to(dev, non_blocking=True)
-    attention_mask = batch.get("attention_mask")
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(dev, non_blocking=True)
-    output = model(tokens, position_ids, attention_mask, labels=labels)
+    batch = {
+        k: v.to(dev, non_blocking=True)
+        for k, v in next(data_iterator).items()
+        if k in context_parallel.BATCH_KEYS and v is not None
+    }
+    batch = context_parallel.split_batch(batch)  # this CP rank's chunks (identity at CP=1)
+    loss_mask = batch["loss_mask"]
+    output = model(
+        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
+    )
     return output, partial(_loss_func, loss_mask)
 
 
@@ -298,6 +305,11 @@ class Trainer:
         assert self.dp_size == self.batch.data_parallel_size
 
         self.config = build_transformer_config(self.arch, build)
+        # Megatron-LM's --calculate-per-token-loss: grads scaled by the global loss-token count.
+        self.config.calculate_per_token_loss = bool(self.args.calculate_per_token_loss)
+        self.fusions = platform.enable_cuda_fusions(
+            self.config, cross_entropy=bool(self.args.cross_entropy_loss_fusion)
+        )
         self.padded_vocab = padded_vocab_size(
             self.arch.vocab_size, build.tensor_parallel, build.make_vocab_size_divisible_by
         )
@@ -306,8 +318,15 @@ class Trainer:
             from megatron.core.transformer.module import Float16Module
 
             chunks = [Float16Module(self.config, c) for c in chunks]
-        self.model = wrap_ddp(chunks, self.config, self.s["optim"].use_distributed_optimizer)
-        self.optimizer = build_optimizer(self.model, self.s["optim"])
+        optim: OptimizerSettings = self.s["optim"]
+        self.model = wrap_ddp(chunks, self.config, optim)
+        self.optimizer = build_optimizer(self.model, optim)
+        self.overlap = OverlapControl(
+            self.model,
+            self.config,
+            overlap_grad_reduce=optim.overlap_grad_reduce,
+            param_hooks=optim.use_distributed_optimizer and optim.overlap_param_gather,
+        )
         self.scheduler = build_scheduler(self.optimizer, self.s["optim"], self.s["sched"])
 
         from megatron.core.distributed import finalize_model_grads
@@ -381,8 +400,8 @@ class Trainer:
         # Only the last pipeline stage has losses; summing over the pipeline group spreads them.
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
-        if self.dp_size > 1:
-            dist.all_reduce(total, group=ps.get_data_parallel_group())
+        # Each DP rank has its own samples, each CP rank its chunks of them: sum over both.
+        context_parallel.reduce_loss_sum_and_tokens(total)
         return float(total[0] / total[1].clamp(min=1))
 
     def train_step(self) -> StepResult:
@@ -403,16 +422,10 @@ class Trainer:
         if os.environ.get(PAUSE_ENV) == str(self.iteration + 1):
             self._pause()
         lr = current_lr(self.optimizer)
-        found_inf = bool(self.optimizer.prepare_grads())
-        grad_norm = float(self.optimizer.get_grad_norm())
-        skipped = found_inf or not math.isfinite(loss) or not math.isfinite(grad_norm)
-        if not skipped:
-            ok, norm, _ = self.optimizer.step()
-            skipped = not ok
-            if norm is not None:
-                grad_norm = float(norm)
+        grad_norm, skipped = optimizer_step(self.optimizer, math.isfinite(loss))
         if not skipped:
             self.scheduler.step(1)
+        self.overlap.after_step()
         self.iteration += 1
         self.consumed_samples += self.batch.global_batch_size
         return StepResult(loss=loss, grad_norm=grad_norm, skipped=skipped, lr=lr)
@@ -427,6 +440,10 @@ class Trainer:
     def evaluate(self) -> dict[str, float]:
         """Loss on each named validation set (the same samples every time, so that evaluations
         at different iterations are comparable)."""
+        with self.overlap.params_whole():
+            return self._evaluate()
+
+    def _evaluate(self) -> dict[str, float]:
         results = {}
         for chunk in self.model:
             chunk.eval()
@@ -463,6 +480,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> None:
+        with self.overlap.params_whole():
+            self._save()
+
+    def _save(self) -> None:
         ck = self.s["ckpt"]
         checkpointing.save_checkpoint(
             ck.save,
@@ -568,6 +589,7 @@ class Trainer:
         if log.eval_interval and self.datasets.valid and self.iteration % log.eval_interval:
             for name, loss in self.evaluate().items():
                 self.logger.valid(self.iteration, name, loss)
+        self.overlap.finish()  # every parameter gathered before the final save
         if ck.save and checkpointing.latest_iteration(ck.save) != self.iteration:
             self.save()
         summary = {

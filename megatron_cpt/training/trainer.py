@@ -143,10 +143,10 @@ def build_settings(args: argparse.Namespace) -> dict:
         init_method_std=args.init_method_std,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
     )
-    validate_parallelism(arch, build, world)
     context_parallel.validate(
         build.context_parallel, args.seq_length, platform.have_transformer_engine()
     )
+    validate_parallelism(arch, build, world)
     dp = world // (build.tensor_parallel * build.pipeline_parallel * build.context_parallel)
     batch = batch_settings(args, dp)
     if args.seq_length > arch.max_position_embeddings:

@@ -35,9 +35,9 @@ SCHEDULE = ["--lr", "1e-2", "--lr-warmup-iters", "1", "--lr-decay-iters", "8"]
 DISTOPT = ["--use-distributed-optimizer"]
 OVERLAP = ["--overlap-grad-reduce", "--overlap-param-gather"]
 
-# Measured (this file's bf16 test, 8 iterations): bf16 losses differ from fp32 by at most
-# ~1e-3 relative (the first iterations ~5e-6). The bound leaves room for other CPUs' kernels.
-BF16_REL_TOL = 1e-2
+# Measured (these 8 iterations, 2026-12-02): bf16 losses differ from fp32 by at most 5.1e-4
+# relative (iteration 1: 5.3e-6). The bound leaves 10x room for other CPUs' bf16 kernels.
+BF16_REL_TOL = 5e-3
 
 
 def _args(shards, run_dir, *extra):

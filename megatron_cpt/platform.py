@@ -629,3 +629,21 @@ def enable_cuda_fusions(config, cross_entropy: bool = False) -> list[str]:
         config.cross_entropy_fusion_impl = "native"
         enabled.append("cross_entropy_loss_fusion")
     return enabled
+
+
+def precision_notes(bf16: bool, fusions: list[str]) -> list[str]:
+    """Start-up lines about what precision and kernels this run really uses.
+
+    A GPU run without ``--bf16`` trains in fp32 with TF32 off (megatron-core leaves
+    ``torch.backends.cuda.matmul.allow_tf32`` as it is, False by default): several times slower
+    than bf16 on an H100, and easy to miss, hence one warning line (issue 14, Found 7).
+    """
+    notes = []
+    if has_cuda() and not bf16:
+        notes.append(
+            "warning: training in fp32 on a GPU with TF32 off (several times slower than bf16); "
+            "add --bf16 for mixed precision"
+        )
+    if fusions:
+        notes.append(f"> fused kernels: {', '.join(fusions)}")
+    return notes

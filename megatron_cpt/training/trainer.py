@@ -341,6 +341,8 @@ class Trainer:
             enabled=(self.rank == 0),
             train_iters=self.batch.train_iters,
         )
+        for line in platform.precision_notes(build.bf16, self.fusions):
+            self.logger.message(line)
         self._load()
         valid_samples = log.eval_iters * self.batch.global_batch_size
         self.datasets = build_datasets(

@@ -213,3 +213,17 @@ def test_context_parallel_without_te_is_one_line_before_compute(shards, tmp_path
     ), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_per_token_loss_matches_the_mean_when_token_counts_are_equal(shards, tmp_path):
+    """``--calculate-per-token-loss`` scales grads by the global token count instead of
+    averaging per-micro-batch means; without --eod-mask-loss every micro-batch has the same
+    number of loss tokens, so both give the same training up to rounding."""
+    two_mb = ["--global-batch-size", "4", "--train-iters", "4"]  # 2 micro-batches of 2
+    base, per_token = tmp_path / "mean", tmp_path / "per_token"
+    check_ok(run_pretrain(_args(shards, base, *two_mb)))
+    check_ok(run_pretrain(_args(shards, per_token, *two_mb, "--calculate-per-token-loss")))
+    ref, got = _train_records(base), _train_records(per_token)
+    for it in range(1, 5):
+        assert math.isclose(got[it]["lm_loss"], ref[it]["lm_loss"], rel_tol=1e-5), it
+        assert math.isclose(got[it]["grad_norm"], ref[it]["grad_norm"], rel_tol=1e-4), it

@@ -337,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_data_args(parser)
     _add_checkpoint_args(parser)
     _add_logging_args(parser)
+    add_optimizer_path_args(parser)
     return parser
 
 
@@ -716,7 +717,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     """Every config check that needs no process group, model or data: one line, before compute."""
     from megatron_cpt import platform
     from megatron_cpt.model import ModelBuildConfig, validate_parallelism
-    from megatron_cpt.training import checkpointing
+    from megatron_cpt.training import checkpointing, context_parallel
     from megatron_cpt.training.data import (
         DataSettings,
         check_prefix,
@@ -724,7 +725,11 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         parse_split,
         parse_validation_sets,
     )
-    from megatron_cpt.training.optimizer import OptimizerSettings, ScheduleSettings
+    from megatron_cpt.training.optimizer import (
+        OptimizerSettings,
+        ScheduleSettings,
+        validate_ddp_flags,
+    )
 
     _check_flags(args)
     world = _world_size()
@@ -778,7 +783,12 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         init_method_std=args.init_method_std,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         attention_backend=args.attention_backend,
+        calculate_per_token_loss=args.calculate_per_token_loss,
+        cross_entropy_loss_fusion=args.cross_entropy_loss_fusion,
         use_transformer_engine=use_te,
+    )
+    context_parallel.validate(
+        build.context_parallel, args.seq_length, platform.have_transformer_engine()
     )
     validate_parallelism(arch, build, world)
     if build.recompute_granularity == "full" and (build.recompute_num_layers or 1) > (
@@ -788,8 +798,6 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
             f"--recompute-num-layers {build.recompute_num_layers} exceeds the layers per "
             f"pipeline stage ({arch.num_layers // build.pipeline_parallel})"
         )
-    if args.bf16 and not platform.has_cuda():
-        raise UserError("--bf16 needs a GPU here (CPU runs train in fp32)")
     dp = world // (build.tensor_parallel * build.pipeline_parallel * build.context_parallel)
     batch = batch_settings(args, dp)
     arch.check_sequence_length(args.seq_length, "--seq-length")  # positions; Mistral's window
@@ -862,11 +870,13 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         clip_grad=args.clip_grad,
         bf16=args.bf16,
         use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
+        grad_reduce_in_bf16=args.grad_reduce_in_bf16,
     )
+    validate_ddp_flags(optim)
     if args.min_lr > args.lr:
         raise UserError(f"--min-lr {args.min_lr} is larger than --lr {args.lr}")
-    if args.use_distributed_optimizer and not platform.has_cuda():
-        raise UserError("--use-distributed-optimizer needs GPUs (it refuses CPU tensors)")
     sched = ScheduleSettings(
         train_iters=batch.train_iters,
         lr_warmup_iters=warmup,
@@ -938,3 +948,36 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 
 def _named_form(items: list[str]) -> bool:
     return bool(items) and all("=" in str(x) for x in items)
+
+
+def add_optimizer_path_args(parser: argparse.ArgumentParser) -> None:
+    """Megatron-LM's flags for how gradients and parameters move (issue 14, part B)."""
+    g = parser.add_argument_group("gradient reduction and overlap")
+    g.add_argument(
+        "--overlap-grad-reduce",
+        action="store_true",
+        help="reduce each gradient bucket during backward instead of after it",
+    )
+    g.add_argument(
+        "--overlap-param-gather",
+        action="store_true",
+        help="with --use-distributed-optimizer: all-gather updated parameters bucket by bucket "
+        "during the next forward",
+    )
+    g.add_argument(
+        "--grad-reduce-in-bf16",
+        action="store_true",
+        help="reduce gradients in bf16 instead of fp32 (halves the reduce traffic)",
+    )
+    g.add_argument(
+        "--calculate-per-token-loss",
+        action="store_true",
+        help="scale gradients by the global number of loss tokens instead of averaging "
+        "per-micro-batch means",
+    )
+    g.add_argument(
+        "--cross-entropy-loss-fusion",
+        action="store_true",
+        help="megatron-core's fused (native, TE-free) vocab-parallel cross entropy; on CPU a "
+        "no-op (the fusion is a CUDA kernel)",
+    )

@@ -104,10 +104,12 @@ def have_apex() -> bool:
     return True
 
 
-def startup_notes(bf16: bool) -> list[str]:
+def startup_notes(bf16: bool, fusions: list[str] | tuple = ()) -> list[str]:
     """The one-line notes a training run prints once at start-up (rank 0): which fused
-    libraries are missing (replacing megatron-core's repeated warning), and that a GPU run
-    without ``--bf16`` trains in plain fp32."""
+    libraries are missing (replacing megatron-core's repeated warning), that a GPU run
+    without ``--bf16`` trains in plain fp32 (megatron-core leaves ``allow_tf32`` as it is,
+    False by default: several times slower than bf16 on an H100, and easy to miss; issue 14,
+    Found 7), and which TE-free fused kernels ``enable_cuda_fusions`` switched on."""
     notes = []
     te, apex = have_transformer_engine(), have_apex()
     if not te and not apex:
@@ -122,6 +124,8 @@ def startup_notes(bf16: bool) -> list[str]:
             f"warning: training in fp32 on a GPU (TF32 matmuls {'on' if tf32 else 'off'}); "
             "give --bf16 for mixed precision, as Megatron-LM runs do"
         )
+    if fusions:
+        notes.append(f"> fused kernels: {', '.join(fusions)}")
     return notes
 
 
@@ -173,6 +177,12 @@ def memory_in_use_bytes() -> int:
 def memory_kind() -> str:
     """What ``peak_memory_bytes`` measures, for benchmark output."""
     return "GPU allocated" if has_cuda() else "process RSS"
+
+
+def use_fused_adam() -> bool:
+    """torch's fused AdamW kernel where megatron-core falls back to torch Adam: on CUDA only.
+    CPU runs keep torch's default (foreach) path, which the CPU tests were measured with."""
+    return has_cuda()
 
 
 def synchronize() -> None:
@@ -491,6 +501,48 @@ def _tensor_cuda_is_identity():
         torch.Tensor.cuda = original
 
 
+@contextlib.contextmanager
+def _tensor_type_names_cuda():
+    """``Tensor.type()`` answers with the CUDA type name for CPU tensors (DESIGN.md item 4).
+
+    megatron-core's mixed-precision optimizers sort parameters into fp16/bf16/fp32 groups by
+    comparing ``param.type()`` with ``'torch.cuda.BFloat16Tensor'`` and the like, and refuse
+    anything else ("Wrapped parameters must be one of torch.cuda.FloatTensor, ..."). The dtype is
+    what matters; the device name is an assumption. Only the no-argument query is changed, and
+    only while those constructors run.
+    """
+    original = torch.Tensor.type
+
+    def type_(self, *args, **kwargs):
+        if args or kwargs:
+            return original(self, *args, **kwargs)
+        name = original(self)
+        if name.startswith("torch.") and not name.startswith("torch.cuda."):
+            return "torch.cuda." + name[len("torch.") :]
+        return name
+
+    torch.Tensor.type = type_
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original
+
+
+def _run_with_cuda_type_names(cls) -> None:
+    """Wrap ``cls.__init__`` in :func:`_tensor_type_names_cuda` (once)."""
+    init = cls.__init__
+    if getattr(init, "__cpu_patched__", False):
+        return
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        with _tensor_type_names_cuda():
+            init(self, *args, **kwargs)
+
+    __init__.__cpu_patched__ = True
+    cls.__init__ = __init__
+
+
 _CPU_RNG_TRACKER_CLASS = None
 
 
@@ -550,6 +602,7 @@ _MEGATRON_MODULES = (
     "megatron.core.optimizer",
     "megatron.core.optimizer.clip_grads",
     "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
     "megatron.core.distributed",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.distributed.distributed_data_parallel",
@@ -587,6 +640,23 @@ def apply_cpu_patches() -> None:
 
     clip_grads.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
     optimizer.clip_grad_by_total_norm_fp32 = _clip_grad_by_total_norm_cpu
+
+    # Item 4: bf16 (Float16Optimizer) and the distributed optimizer sort params by CUDA type name.
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    _run_with_cuda_type_names(optimizer.Float16OptimizerWithFloat16Params)
+    _run_with_cuda_type_names(DistributedOptimizer)
+    # ...and gathers its shards for a reshardable checkpoint with ``send_tensor.cuda()``.
+    gather = DistributedOptimizer.get_parameter_state_dp_zero
+    if not getattr(gather, "__cpu_patched__", False):
+
+        @functools.wraps(gather)
+        def get_parameter_state_dp_zero(self, *args, **kwargs):
+            with _tensor_cuda_is_identity():
+                return gather(self, *args, **kwargs)
+
+        get_parameter_state_dp_zero.__cpu_patched__ = True
+        DistributedOptimizer.get_parameter_state_dp_zero = get_parameter_state_dp_zero
 
     # Tied embeddings split over pipeline stages: GPTModel's constructor moves the last stage's
     # copy of the embedding with ``weight.data.cuda()`` before all-reducing it with the first
@@ -660,3 +730,46 @@ def model_config_overrides() -> dict:
         "batch_p2p_comm": False,
         "batch_p2p_sync": False,
     }
+
+
+def enable_cuda_fusions(config, cross_entropy: bool = False) -> list[str]:
+    """Switch on, on CUDA, megatron-core's fused kernels that need neither TE nor Apex.
+
+    They are torch-scripted/compiled element-wise kernels shipped in ``megatron.core.fusions``:
+    the SwiGLU (or biased GeLU) activation, bias-dropout-add and, when asked for
+    (``--cross-entropy-loss-fusion``), the native vocab-parallel cross entropy. Each is enabled
+    only if its module imports and the model's ``config`` satisfies megatron-core's own rule for
+    it (checked in ``TransformerConfig.__post_init__``, which has already run). On a CPU nothing
+    changes: the fusions are CUDA kernels, and the CPU path keeps megatron-core's unfused ops.
+    Returns the names of the fields set, for the start-up log.
+    """
+    if not has_cuda():
+        return []
+    import torch.nn.functional as F
+
+    enabled = []
+
+    def importable(name: str) -> bool:
+        try:
+            importlib.import_module(name)
+        except Exception:
+            return False
+        return True
+
+    act = config.activation_func
+    swiglu = act is F.silu and config.gated_linear_unit
+    biased_gelu = act is F.gelu and (config.gated_linear_unit or config.add_bias_linear)
+    if (
+        (swiglu and importable("megatron.core.fusions.fused_bias_swiglu"))
+        or (biased_gelu and importable("megatron.core.fusions.fused_bias_gelu"))
+    ) and not getattr(config, "use_te_activation_func", False):
+        config.bias_activation_fusion = True
+        enabled.append("bias_activation_fusion")
+    if importable("megatron.core.fusions.fused_bias_dropout"):
+        config.bias_dropout_fusion = True
+        enabled.append("bias_dropout_fusion")
+    if cross_entropy and importable("megatron.core.fusions.fused_cross_entropy"):
+        config.cross_entropy_loss_fusion = True
+        config.cross_entropy_fusion_impl = "native"
+        enabled.append("cross_entropy_loss_fusion")
+    return enabled

@@ -84,3 +84,26 @@ def test_clip_grads_scale_like_torch(mp):
     assert abs(norm - ref_norm.item()) <= 1e-5 * ref_norm.item()
     for p, r in zip(params, ref):
         torch.testing.assert_close(p.grad, r.grad)
+
+
+def test_cuda_type_names_only_while_megatron_sorts_params():
+    t = torch.zeros(2, dtype=torch.bfloat16)
+    assert t.type() == "torch.BFloat16Tensor"
+    with platform._tensor_type_names_cuda():
+        assert t.type() == "torch.cuda.BFloat16Tensor"
+        assert torch.zeros(1).type() == "torch.cuda.FloatTensor"
+        assert t.type(torch.float32).dtype == torch.float32  # conversions unchanged
+    assert t.type() == "torch.BFloat16Tensor"
+
+
+def test_no_cuda_fusions_fused_adam_or_fp32_warning_on_cpu(mp):
+    from megatron_cpt.model import LlamaArch, build_transformer_config
+
+    arch = LlamaArch(num_layers=2, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4,
+                     num_query_groups=2, vocab_size=1000, rope_theta=10000.0)  # fmt: skip
+    cfg = build_transformer_config(arch)
+    assert platform.enable_cuda_fusions(cfg, cross_entropy=True) == []
+    assert not cfg.bias_activation_fusion and not cfg.cross_entropy_loss_fusion
+    assert not platform.use_fused_adam()
+    notes = platform.startup_notes(False, [])
+    assert not [n for n in notes if n.startswith("warning") or "fused kernels" in n]

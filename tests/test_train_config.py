@@ -102,8 +102,6 @@ def test_config_errors_before_compute(tmp_path, monkeypatch):
         UserError, match=r"--pipeline-model-parallel-size 4 does not divide num_layers \(2\)"
     ):
         build_settings(_args(tmp_path, "--pipeline-model-parallel-size", "4"))
-    with pytest.raises(UserError, match="--bf16 needs a GPU"):
-        build_settings(_args(tmp_path, "--bf16"))
     with pytest.raises(UserError, match="--seq-length 100000 exceeds"):
         build_settings(parse_args(["--model", "smollm2-135m", "--seq-length", "100000",
                                    "--train-iters", "1"]))  # fmt: skip

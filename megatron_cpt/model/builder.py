@@ -55,6 +55,10 @@ class ModelBuildConfig:
     pipeline_dtype: torch.dtype | None = None
     # Megatron-LM's --attention-backend (megatron-core's AttnBackend names); see core_attention.
     attention_backend: str = "auto"
+    # Megatron-LM's --calculate-per-token-loss (grads scaled by the global loss-token count) and
+    # --cross-entropy-loss-fusion (megatron-core's native fused cross entropy; CUDA only).
+    calculate_per_token_loss: bool = False
+    cross_entropy_loss_fusion: bool = False
 
 
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")

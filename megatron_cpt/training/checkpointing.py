@@ -42,10 +42,12 @@ FORMAT = "megatron-cpt/torch_dist/1"
 # Test hook (interrupted-save test): stop after the shards are written but before publishing, so
 # that a SIGKILL lands in the worst place for atomicity.
 PAUSE_IN_SAVE_ENV = "MEGATRON_CPT_TEST_PAUSE_IN_SAVE"
-# Kept in the optimizer's sharded state so the distributed optimizer's state also re-shards
-# across TP/PP/DP changes (Megatron-LM's default for torch_dist).
+# Kept in the optimizer's sharded state. The distributed optimizer's layout: "fully_reshardable"
+# (Megatron-LM's --dist-ckpt-optim-fully-reshardable) gathers its shards into the canonical
+# per-parameter layout, so the checkpoint loads at another DP (and TP/PP) size; 0.16.1 refuses
+# the older "fully_sharded_model_space" ("ShardedTensor.flattened_range is not supported").
 _SHARDING_METADATA = {
-    "distrib_optim_sharding_type": "fully_sharded_model_space",
+    "distrib_optim_sharding_type": "fully_reshardable",
     "chained_optim_avoid_prefix": True,
     "singleton_local_shards": False,
 }

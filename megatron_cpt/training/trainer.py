@@ -37,7 +37,7 @@ from megatron_cpt.model import (
     build_transformer_config,
     padded_vocab_size,
 )
-from megatron_cpt.training import checkpointing
+from megatron_cpt.training import checkpointing, context_parallel
 from megatron_cpt.training.data import (
     MicroBatches,
     build_datasets,
@@ -49,8 +49,10 @@ from megatron_cpt.training.optimizer import (
     build_optimizer,
     build_scheduler,
     current_lr,
+    optimizer_step,
     wrap_ddp,
 )
+from megatron_cpt.training.overlap import OverlapControl
 from megatron_cpt.training.preflight import preflight
 
 # Test hook (exact-resume test): pause inside this iteration, after forward/backward and before
@@ -83,16 +85,17 @@ def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 
 
 def _forward_step(data_iterator, model):
-    batch = next(data_iterator)
     dev = platform.device()
-    tokens = batch["tokens"].to(dev, non_blocking=True)
-    labels = batch["labels"].to(dev, non_blocking=True)
-    loss_mask = batch["loss_mask"].to(dev, non_blocking=True)
-    position_ids = batch["position_ids"].to(dev, non_blocking=True)
-    attention_mask = batch.get("attention_mask")
-    if attention_mask is not None:
-        attention_mask = attention_mask.to(dev, non_blocking=True)
-    output = model(tokens, position_ids, attention_mask, labels=labels)
+    batch = {
+        k: v.to(dev, non_blocking=True)
+        for k, v in next(data_iterator).items()
+        if k in context_parallel.BATCH_KEYS and v is not None
+    }
+    batch = context_parallel.split_batch(batch)  # this CP rank's chunks (identity at CP=1)
+    loss_mask = batch["loss_mask"]
+    output = model(
+        batch["tokens"], batch["position_ids"], batch.get("attention_mask"), labels=batch["labels"]
+    )
     return output, partial(_loss_func, loss_mask)
 
 
@@ -129,6 +132,11 @@ class Trainer:
         assert self.dp_size == self.batch.data_parallel_size
 
         self.config = build_transformer_config(self.arch, build)
+        # Megatron-LM's --calculate-per-token-loss: grads scaled by the global loss-token count.
+        self.config.calculate_per_token_loss = build.calculate_per_token_loss
+        self.fusions = platform.enable_cuda_fusions(
+            self.config, cross_entropy=build.cross_entropy_loss_fusion
+        )
         self.padded_vocab = padded_vocab_size(
             self.arch.vocab_size, build.tensor_parallel, build.make_vocab_size_divisible_by
         )
@@ -137,8 +145,15 @@ class Trainer:
             from megatron.core.transformer.module import Float16Module
 
             chunks = [Float16Module(self.config, c) for c in chunks]
-        self.model = wrap_ddp(chunks, self.config, self.cfg.optim.use_distributed_optimizer)
-        self.optimizer = build_optimizer(self.model, self.cfg.optim)
+        optim = self.cfg.optim
+        self.model = wrap_ddp(chunks, self.config, optim)
+        self.optimizer = build_optimizer(self.model, optim)
+        self.overlap = OverlapControl(
+            self.model,
+            self.config,
+            overlap_grad_reduce=optim.overlap_grad_reduce,
+            param_hooks=optim.use_distributed_optimizer and optim.overlap_param_gather,
+        )
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.sched)
 
         from megatron.core.distributed import finalize_model_grads
@@ -155,7 +170,7 @@ class Trainer:
             wandb=log if log.wandb_project else None,
             wandb_config=self.cfg.run.record,
         )
-        for note in platform.startup_notes(build.bf16):
+        for note in platform.startup_notes(build.bf16, self.fusions):
             self.logger.message(note)
         self._load()
         valid_samples = log.eval_iters * self.batch.global_batch_size
@@ -266,8 +281,8 @@ class Trainer:
         # Only the last pipeline stage has losses; summing over the pipeline group spreads them.
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.all_reduce(total, group=ps.get_pipeline_model_parallel_group())
-        if self.dp_size > 1:
-            dist.all_reduce(total, group=ps.get_data_parallel_group())
+        # Each DP rank has its own samples, each CP rank its chunks of them: sum over both.
+        context_parallel.reduce_loss_sum_and_tokens(total)
         return float(total[0] / total[1].clamp(min=1))
 
     def train_step(self) -> StepResult:
@@ -288,16 +303,10 @@ class Trainer:
         if os.environ.get(PAUSE_ENV) == str(self.iteration + 1):
             self._pause()
         lr = current_lr(self.optimizer)
-        found_inf = bool(self.optimizer.prepare_grads())
-        grad_norm = float(self.optimizer.get_grad_norm())
-        skipped = found_inf or not math.isfinite(loss) or not math.isfinite(grad_norm)
-        if not skipped:
-            ok, norm, _ = self.optimizer.step()
-            skipped = not ok
-            if norm is not None:
-                grad_norm = float(norm)
+        grad_norm, skipped = optimizer_step(self.optimizer, math.isfinite(loss))
         if not skipped:
             self.scheduler.step(1)
+        self.overlap.after_step()
         self.iteration += 1
         self.consumed_samples += self.batch.global_batch_size
         return StepResult(loss=loss, grad_norm=grad_norm, skipped=skipped, lr=lr)
@@ -313,6 +322,10 @@ class Trainer:
     def evaluate(self, sets: dict | None = None) -> dict[str, float]:
         """Loss on each named validation set (the same samples every time, so that evaluations
         at different iterations are comparable); ``sets`` defaults to the validation sets."""
+        with self.overlap.params_whole():
+            return self._evaluate(sets)
+
+    def _evaluate(self, sets: dict | None) -> dict[str, float]:
         results = {}
         for chunk in self.model:
             chunk.eval()
@@ -349,6 +362,10 @@ class Trainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save(self) -> None:
+        with self.overlap.params_whole():
+            self._save()
+
+    def _save(self) -> None:
         ck = self.cfg.checkpoint
         checkpointing.save_checkpoint(
             ck.save,
@@ -466,6 +483,7 @@ class Trainer:
         if self.datasets.test and not self.stop_reason:
             for name, loss in self.evaluate(self.datasets.test).items():
                 self.logger.valid(self.iteration, name, loss)
+        self.overlap.finish()  # every parameter gathered before the final save
         if ck.save and checkpointing.latest_iteration(ck.save) != self.iteration:
             self.save()
         summary = {

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--tatqa-shots", type=int, default=d.tatqa_shots)
     p.add_argument("--merge-sweep", action="store_true",
-                   help="also sweep TIES density x weight (tools/merge_sweep.py; ~6 extra evals)")  # fmt: skip
+                   help="also sweep TIES density x weight (tools/merge_sweep.py; 8 extra evaluations)")  # fmt: skip
     args = p.parse_args(argv)
     cfg = dataclasses.replace(d, **vars(args))
     start = time.perf_counter()

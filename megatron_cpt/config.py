@@ -259,6 +259,13 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="megatron-core's MockGPTDataset instead of shards (smoke runs; no --data-path)",
     )
+    g.add_argument(
+        "--sft",
+        action="store_true",
+        help="supervised fine-tuning: --data-path/--valid-data-path name PREFIX_tokens of "
+        "tools/preprocess_sft.py pairs; loss on assistant tokens only, averaged per token "
+        "(docs/sft.md)",
+    )
     g.add_argument("--data-cache-path", default=None)
     g.add_argument("--tokenizer-type", default=None)
     g.add_argument("--tokenizer-model", default=None)
@@ -893,7 +900,12 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         reset_attention_mask=args.reset_attention_mask,
         num_workers=args.num_workers,
         mmap_bin_files=args.mmap_bin_files,
+        sft=getattr(args, "sft", False),
     )
+    if data.sft:
+        from megatron_cpt.training.sft_data import check_sft_settings
+
+        check_sft_settings(data)
     return TrainConfig(
         arch=arch,
         arch_source=arch_source,

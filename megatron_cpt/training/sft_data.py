@@ -54,3 +54,50 @@ class SftDataset(torch.utils.data.Dataset):
                 np.ascontiguousarray(packed_attention_mask(item["segment_ids"])[0])
             ),
         }
+
+
+def sft_prefix(tokens_prefix: str, flag: str) -> str:
+    """The pair prefix of ``PREFIX_tokens`` (what the data flags name, so that the existing
+    shard checks see an ordinary megatron-core pair)."""
+    from megatron_cpt.errors import UserError
+
+    if not tokens_prefix.endswith("_tokens"):
+        raise UserError(
+            f"{flag} {tokens_prefix}: with --sft, name the PREFIX_tokens shard written by "
+            "tools/preprocess_sft.py"
+        )
+    return tokens_prefix[: -len("_tokens")]
+
+
+def check_sft_settings(settings) -> None:
+    """--sft's data flags: one training pair (no blend, no mock, no split) and named or single
+    validation pairs of held-out conversations; every pair's layout is checked now."""
+    from megatron_cpt.errors import UserError
+    from megatron_cpt.training.data import parse_blend
+
+    if settings.mock:
+        raise UserError("--sft: --mock-data has no loss masks; give --data-path PREFIX_tokens")
+    flag = "--train-data-path" if settings.train_data_path else "--data-path"
+    prefixes, _ = parse_blend(settings.train_data_path or settings.data_path, flag)
+    if len(prefixes) != 1:
+        raise UserError(f"{flag}: with --sft, give one PREFIX_tokens (blend SFT data upstream)")
+    pairs = [(flag, prefixes[0])]
+    for name, (valid, _) in settings.valid_sets.items():
+        if len(valid) != 1:
+            raise UserError(f"--valid-data-path {name}: with --sft, one PREFIX_tokens per set")
+        pairs.append(("--valid-data-path", valid[0]))
+    for flag, prefix in pairs:
+        SftDataset(sft_prefix(prefix, flag), settings.seq_length)
+
+
+def build_sft_datasets(settings, datasets_cls):
+    """``Datasets`` of SFT samples: training from --data-path, validation from each
+    --valid-data-path set (held-out conversations; --split does not apply)."""
+    prefix = (settings.train_data_path or settings.data_path)[-1]
+    flag = "--train-data-path" if settings.train_data_path else "--data-path"
+    train = SftDataset(sft_prefix(prefix, flag), settings.seq_length)
+    valid = {
+        name: SftDataset(sft_prefix(p[0], "--valid-data-path"), settings.seq_length)
+        for name, (p, _) in settings.valid_sets.items()
+    }
+    return datasets_cls(train=train, valid=valid, train_prefixes=[prefix])

@@ -129,6 +129,9 @@ class Trainer:
         assert self.dp_size == self.batch.data_parallel_size
 
         self.config = build_transformer_config(self.arch, build)
+        # SFT: loss masks differ per micro-batch, so gradients are summed over tokens and
+        # divided by the global count (schedules + DDP + finalize_model_grads read this flag).
+        self.config.calculate_per_token_loss = self.cfg.data.sft
         self.padded_vocab = padded_vocab_size(
             self.arch.vocab_size, build.tensor_parallel, build.make_vocab_size_divisible_by
         )

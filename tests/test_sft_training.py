@@ -94,3 +94,133 @@ def test_packed_logits_equal_each_conversation_alone(mp, packed):
         if a > 0:  # without the packed mask, later conversations would see earlier ones
             assert (without_mask[0, a:b] - alone[0]).abs().max() > 1e-3
     assert conversations == 3
+
+
+# ---- tools/pretrain.py --sft ----------------------------------------------------------------
+
+TINY_SFT = [
+    "--model", "smollm2-135m",
+    "--num-layers", "2",
+    "--hidden-size", "64",
+    "--ffn-hidden-size", "128",
+    "--num-attention-heads", "4",
+    "--num-query-groups", "2",
+    "--seq-length", "96",
+    "--log-interval", "1",
+    "--seed", "7",
+    "--lr", "5e-3",
+    "--lr-warmup-iters", "1",
+    "--sft",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def fiqa_sft(tmp_path_factory, shared_data, smollm2_gguf):
+    """FiQA-SA conversations (real text, SmolLM2's template): 48 to train, 8 held out."""
+    tok = build_tokenizer("HuggingFaceTokenizer", smollm2_gguf)
+    tmp = tmp_path_factory.mktemp("fiqa_sft")
+    rows = [json.loads(x) for x in (shared_data / "tasks/fiqasa_train.jsonl").open()]
+    out = {}
+    for name, part in (("train", rows[:48]), ("valid", rows[48:56])):
+        path = tmp / f"{name}.jsonl"
+        path.write_text(
+            "".join(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "system", "content": "Label the sentiment."},
+                            {"role": "user", "content": r["text"]},
+                            {"role": "assistant", "content": r["label"]},
+                        ]
+                    }
+                )
+                + "\n"
+                for r in part
+            )
+        )
+        cfg = SftConfig(
+            inputs=[str(path)],
+            output_prefix=str(tmp / name),
+            tokenizer_type="HuggingFaceTokenizer",
+            tokenizer_model=str(smollm2_gguf),
+            seq_length=96,
+        )
+        run_sft_preprocess(cfg, tokenizer=tok)
+        out[name] = str(tmp / f"{name}_tokens")
+    out["args"] = [
+        "--data-path", out["train"],
+        "--valid-data-path", f"chat={out['valid']}",
+        "--tokenizer-type", "HuggingFaceTokenizer",
+        "--tokenizer-model", str(smollm2_gguf),
+    ]  # fmt: skip
+    return out
+
+
+def sft_run(fiqa_sft, run_dir, *extra, nproc=1):
+    from test_train import check_ok, run_pretrain
+
+    proc = run_pretrain(
+        [*TINY_SFT, *fiqa_sft["args"], "--run-dir", str(run_dir), *extra], nproc=nproc
+    )
+    check_ok(proc)
+    return proc
+
+
+def losses(run_dir, kind="train") -> dict[int, float]:
+    from test_train import metrics
+
+    return {r["iteration"]: r["lm_loss"] for r in metrics(run_dir, kind)}
+
+
+@pytest.fixture(scope="module")
+def straight(fiqa_sft, tmp_path_factory):
+    """8 iterations, 2 micro-batches of 2 per step, saved at the end."""
+    root = tmp_path_factory.mktemp("straight")
+    sft_run(
+        fiqa_sft, root, "--micro-batch-size", "2", "--global-batch-size", "4",
+        "--train-iters", "8", "--lr-decay-iters", "8", "--eval-interval", "4", "--eval-iters", "1",
+        "--save", str(root / "ckpt"),
+    )  # fmt: skip
+    return root
+
+
+def test_sft_loss_falls_and_validates_on_held_out(straight):
+    train = losses(straight)
+    assert sorted(train) == list(range(1, 9))
+    assert train[8] < train[1] - 1.0
+    from test_train import metrics
+
+    valid = [r["lm_loss"] for r in metrics(straight, "valid") if r["name"] == "chat"]
+    assert len(valid) >= 2 and valid[-1] < valid[0]
+
+
+def test_sft_per_token_loss_independent_of_micro_batching(fiqa_sft, straight, tmp_path):
+    """One micro-batch of 4 or two of 2: the same samples, different loss-token counts per
+    micro-batch; per-token averaging makes losses and updates identical."""
+    sft_run(
+        fiqa_sft, tmp_path, "--micro-batch-size", "4", "--global-batch-size", "4",
+        "--train-iters", "8",
+    )  # fmt: skip
+    a, b = losses(straight), losses(tmp_path)
+    assert max(abs(a[i] - b[i]) for i in a) <= 1e-4, (a, b)
+
+
+@pytest.mark.slow
+def test_sft_per_token_loss_dp2_equals_dp1(fiqa_sft, straight, tmp_path):
+    sft_run(
+        fiqa_sft, tmp_path, "--micro-batch-size", "2", "--global-batch-size", "4",
+        "--train-iters", "8", nproc=2,
+    )  # fmt: skip
+    a, b = losses(straight), losses(tmp_path)
+    assert max(abs(a[i] - b[i]) for i in a) <= 1e-4, (a, b)
+
+
+def test_sft_exact_resume(fiqa_sft, straight, tmp_path):
+    common = ["--micro-batch-size", "2", "--global-batch-size", "4", "--lr-decay-iters", "8",
+              "--save", str(tmp_path / "ck")]  # fmt: skip
+    sft_run(fiqa_sft, tmp_path / "a", *common, "--train-iters", "4")
+    sft_run(fiqa_sft, tmp_path / "b", *common, "--train-iters", "8")
+    first, second, want = losses(tmp_path / "a"), losses(tmp_path / "b"), losses(straight)
+    assert sorted(first) == [1, 2, 3, 4] and sorted(second) == [5, 6, 7, 8]
+    for i in range(1, 9):
+        assert (first | second)[i] == want[i], i

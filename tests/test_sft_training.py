@@ -224,3 +224,58 @@ def test_sft_exact_resume(fiqa_sft, straight, tmp_path):
     assert sorted(first) == [1, 2, 3, 4] and sorted(second) == [5, 6, 7, 8]
     for i in range(1, 9):
         assert (first | second)[i] == want[i], i
+
+
+@pytest.mark.slow
+def test_sft_from_gguf_and_export_keeps_the_chat_template(fiqa_sft, smollm2_gguf, tmp_path):
+    """The real SmolLM2: GGUF -> Megatron, 2 SFT steps, mcore-to-hf; the export carries the
+    chat template, which renders and masks conversations exactly as the GGUF's does."""
+    from test_train import run_pretrain
+
+    from megatron_cpt.convert.exporter import ExportConfig, export_hf
+    from megatron_cpt.convert.importer import ImportConfig, import_hf
+    from megatron_cpt.data.sft import ChatEncoder, chat_template_for
+
+    import_hf(ImportConfig(str(smollm2_gguf), str(tmp_path / "mc")))
+    proc = run_pretrain(
+        [
+            "--pretrained-checkpoint",
+            str(tmp_path / "mc"),
+            *fiqa_sft["args"],
+            "--sft",
+            "--seq-length",
+            "96",
+            "--micro-batch-size",
+            "2",
+            "--global-batch-size",
+            "4",
+            "--train-iters",
+            "2",
+            "--log-interval",
+            "1",
+            "--lr",
+            "1e-5",
+            "--eval-interval",
+            "2",
+            "--eval-iters",
+            "1",
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--save",
+            str(tmp_path / "sft"),
+        ],  # fmt: skip
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "CPT start from" in proc.stdout + proc.stderr
+    export_hf(ExportConfig(str(tmp_path / "sft"), str(tmp_path / "hf")))
+    template = chat_template_for(tmp_path / "hf")
+    assert template == chat_template_for(smollm2_gguf)
+    exported = ChatEncoder(build_tokenizer("HuggingFaceTokenizer", tmp_path / "hf"), template)
+    original = ChatEncoder(build_tokenizer("HuggingFaceTokenizer", smollm2_gguf), template)
+    conversation = [
+        {"role": "user", "content": "Sentiment of: margins widen"},
+        {"role": "assistant", "content": "positive"},
+    ]
+    for a, b in zip(exported.encode(conversation), original.encode(conversation)):
+        np.testing.assert_array_equal(a, b)

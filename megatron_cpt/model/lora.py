@@ -30,6 +30,7 @@ megatron-core's DDP allocates no gradient buffer and its optimizer keeps no stat
 from __future__ import annotations
 
 import math
+import types
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -65,6 +66,18 @@ class LoraSettings:
             )
 
 
+def lora_settings_from_flags(args) -> LoraSettings:
+    """``--lora-rank/--lora-alpha/--lora-dropout/--lora-target``, validated."""
+    rank = args.lora_rank
+    alpha = float(args.lora_alpha) if args.lora_alpha is not None else float(rank)
+    targets = tuple(t.strip() for t in str(args.lora_target).split(",") if t.strip())
+    settings = LoraSettings(rank=rank, alpha=alpha, dropout=args.lora_dropout, targets=targets)
+    settings.validate()
+    if getattr(args, "sequence_parallel", False):
+        raise UserError("--lora-rank with --sequence-parallel is not supported")
+    return settings
+
+
 def _kind(module) -> str | None:
     from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
 
@@ -96,6 +109,37 @@ def _lora_hook(module, args, kwargs, output):
         ax = reduce_from_tensor_model_parallel_region(ax, group=group)
         delta = torch.nn.functional.linear(ax, module.lora_B)
     return out + (module.lora_scale * delta).to(out.dtype), bias
+
+
+def _lora_sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+    """The base layer's checkpoint sharding plus the adapters': B split like W's rows on a
+    column layer (with the SwiGLU [gate; up] factory on a gated fc1, as megatron-core's MLP
+    does for W), A split like W's columns on a row layer; the other half replicated."""
+    from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
+    from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+    state_dict = self.state_dict(prefix="", keep_vars=True)
+    axes = (
+        {"weight": 0, "bias": 0, "lora_B": 0}
+        if self.lora_kind == "column"
+        else {
+            "weight": 1,
+            "lora_A": 1,
+        }
+    )
+    sharded = make_sharded_tensors_for_checkpoint(
+        state_dict,
+        prefix,
+        axes,
+        sharded_offsets,
+        tp_group=self.tp_group,
+        dp_cp_group=metadata["dp_cp_group"],
+    )
+    if self.lora_gated:
+        singleton = (metadata or {}).get("singleton_local_shards", False)
+        key = f"{prefix}lora_B"
+        sharded[key] = apply_swiglu_sharded_factory(sharded[key], sharded_offsets, singleton)
+    return sharded
 
 
 def lora_layers(model) -> Iterable[tuple[str, torch.nn.Module]]:
@@ -142,7 +186,13 @@ def apply_lora(model, settings: LoraSettings, seed: int = 0) -> dict:
         module.lora_kind = kind
         module.lora_scale = settings.scale
         module.lora_dropout = torch.nn.Dropout(settings.dropout)
+        module.lora_gated = (
+            kind == "column"
+            and name.endswith("linear_fc1")
+            and bool(getattr(config, "gated_linear_unit", False))
+        )
         module.register_forward_hook(_lora_hook, with_kwargs=True)
+        module.sharded_state_dict = types.MethodType(_lora_sharded_state_dict, module)
         added += 1
     if not added:
         raise UserError(
@@ -165,7 +215,7 @@ def merge_lora(model) -> int:
             if hook is _lora_hook:
                 del module._forward_hooks[hook_id]
                 module._forward_hooks_with_kwargs.pop(hook_id, None)
-        del module.lora_A, module.lora_B, module.lora_dropout
+        del module.lora_A, module.lora_B, module.lora_dropout, module.sharded_state_dict
         module.lora_kind = None
         merged += 1
     return merged
@@ -199,3 +249,27 @@ def load_adapter_state_dict(model, state: dict[str, torch.Tensor]) -> None:
                         f"the model's is {tuple(target.shape)}"
                     )
                 target.copy_(value)
+
+
+def attach_lora(chunks: list, cfg) -> dict:
+    """The trainer's LoRA start: when the run starts from a base checkpoint (not a resume),
+    load it into the bare chunks first (it has no adapter tensors), then add the adapters.
+    A resumed LoRA run's checkpoint holds base and adapters, so it loads normally later."""
+    from megatron_cpt.training import checkpointing
+
+    ck = cfg.checkpoint
+    candidates = (ck.save,) if ck.finetune else (ck.save, ck.load)
+    resuming = any(
+        c and not (ck.finetune and c == ck.load) and checkpointing.latest_iteration(c) is not None
+        for c in candidates
+    )
+    pretrained = ck.load if ck.finetune else ck.pretrained_checkpoint
+    base_loaded = bool(pretrained) and not resuming
+    if base_loaded:
+        checkpointing.load_checkpoint(pretrained, chunks, weights_only=True)
+    counts: dict = {}
+    for i, chunk in enumerate(chunks):
+        stats = apply_lora(chunk, cfg.lora, seed=cfg.run.seed + i)
+        for key, value in stats.items():
+            counts[key] = counts.get(key, 0) + value
+    return {**counts, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "base_loaded": base_loaded}

@@ -313,3 +313,26 @@ def test_lora_sft_trains_adapters_only(fiqa_sft, straight, tmp_path):
     assert all(tuned.read([k])[k].abs().max() > 0 for k in b)
     moments = [k for k in tuned._meta if k.startswith("optimizer") and "exp_avg" in k]
     assert moments and all("lora_" in k for k in moments), moments[:5]
+    # mcore-to-hf merges the adapters: the HF model's logits equal the adapted Megatron model's
+    from transformers import AutoModelForCausalLM
+
+    from megatron_cpt.convert.exporter import ExportConfig, export_hf
+    from megatron_cpt.convert.loading import load_megatron_model, megatron_logits
+    from megatron_cpt.convert.mcore_checkpoint import sharded_key
+    from megatron_cpt.model.lora import LoraSettings, apply_lora, lora_layers
+
+    export_hf(ExportConfig(str(tmp_path / "ck"), str(tmp_path / "hf")))
+    hf = AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
+    model, arch = load_megatron_model(tmp_path / "ck")  # the base; adapters added next
+    apply_lora(model, LoraSettings(rank=4, alpha=8))
+    with torch.no_grad():
+        for name, m in lora_layers(model):
+            for part in ("lora_A", "lora_B"):
+                key, layer = sharded_key(f"{name}.{part}")
+                getattr(m, part).copy_(tuned.read([f"{name}.{part}"])[f"{name}.{part}"])
+                assert layer is not None and key.endswith(part)
+    ids = SftDataset(fiqa_sft["train"][: -len("_tokens")])[0]["tokens"][None, :48]
+    adapted = megatron_logits(model, ids, arch.vocab_size)
+    with torch.no_grad():
+        exported = hf(ids).logits
+    assert (adapted - exported).abs().max() <= TOL

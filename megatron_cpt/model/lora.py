@@ -273,3 +273,33 @@ def attach_lora(chunks: list, cfg) -> dict:
         for key, value in stats.items():
             counts[key] = counts.get(key, 0) + value
     return {**counts, "rank": cfg.lora.rank, "alpha": cfg.lora.alpha, "base_loaded": base_loaded}
+
+
+def adapter_scale(meta: dict) -> float | None:
+    """``alpha / rank`` of a checkpoint written by a LoRA run (from its recorded flags), else
+    None."""
+    args = meta.get("args") or {}
+    rank = args.get("lora_rank") or 0
+    if not rank:
+        return None
+    alpha = args.get("lora_alpha")
+    return float(alpha if alpha is not None else rank) / rank
+
+
+def merged_weight(name: str, weight: torch.Tensor, reader, scale: float | None) -> torch.Tensor:
+    """A global (TP-independent) checkpoint weight with its adapter folded in:
+    ``W + scale * B @ A`` (batched over the stacked-layer axis), computed in fp32. Used by the
+    ``mcore-to-hf`` export, so a LoRA run exports as one merged HF model."""
+    if scale is None or not name.endswith(".weight"):
+        return weight
+    stem = name[: -len(".weight")]
+    a_key, b_key = f"{stem}.lora_A", f"{stem}.lora_B"
+    from megatron_cpt.convert.mcore_checkpoint import sharded_key
+
+    try:
+        reader.global_shape(sharded_key(a_key)[0])  # per-layer names read stacked keys
+    except UserError:
+        return weight  # this linear carries no adapter
+    t = reader.read([a_key, b_key])
+    delta = torch.matmul(t[b_key].float(), t[a_key].float()) * scale
+    return (weight.float() + delta).to(weight.dtype)

@@ -259,6 +259,28 @@ def _add_data_args(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="megatron-core's MockGPTDataset instead of shards (smoke runs; no --data-path)",
     )
+    g.add_argument(
+        "--sft",
+        action="store_true",
+        help="supervised fine-tuning: --data-path/--valid-data-path name PREFIX_tokens of "
+        "tools/preprocess_sft.py pairs; loss on assistant tokens only, averaged per token "
+        "(docs/sft.md)",
+    )
+    g.add_argument(
+        "--lora-rank",
+        type=int,
+        default=0,
+        help="train LoRA adapters of this rank on a frozen base (0: full fine-tuning)",
+    )
+    g.add_argument(
+        "--lora-alpha", type=float, default=None, help="LoRA scale alpha/rank (default: rank)"
+    )
+    g.add_argument("--lora-dropout", type=float, default=0.0, help="dropout on the adapters' input")
+    g.add_argument(
+        "--lora-target",
+        default="linear_qkv,linear_proj,linear_fc1,linear_fc2",
+        help="comma-separated megatron-core linears that get adapters",
+    )
     g.add_argument("--data-cache-path", default=None)
     g.add_argument("--tokenizer-type", default=None)
     g.add_argument("--tokenizer-model", default=None)
@@ -454,6 +476,7 @@ class TrainConfig:
     checkpoint: CheckpointSettings
     logging: LoggingSettings
     run: RunSettings
+    lora: object | None = None  # megatron_cpt.model.lora.LoraSettings when --lora-rank > 0
 
 
 def batch_settings(args: argparse.Namespace, data_parallel_size: int) -> BatchSettings:
@@ -903,8 +926,19 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
         reset_attention_mask=args.reset_attention_mask,
         num_workers=args.num_workers,
         mmap_bin_files=args.mmap_bin_files,
+        sft=getattr(args, "sft", False),
     )
+    if data.sft:
+        from megatron_cpt.training.sft_data import check_sft_settings
+
+        check_sft_settings(data)
+    lora = None
+    if getattr(args, "lora_rank", 0):
+        from megatron_cpt.model.lora import lora_settings_from_flags
+
+        lora = lora_settings_from_flags(args)
     return TrainConfig(
+        lora=lora,
         arch=arch,
         arch_source=arch_source,
         build=build,

@@ -26,6 +26,7 @@ from megatron_cpt.convert.mapping import (
 )
 from megatron_cpt.errors import UserError
 from megatron_cpt.model import from_hf_config
+from megatron_cpt.model.lora import adapter_scale, merged_weight
 from megatron_cpt.safetensors_io import StreamingSafetensorsWriter, TensorInfo
 from megatron_cpt.training.checkpointing import read_metadata
 
@@ -57,6 +58,7 @@ def export_hf(cfg: ExportConfig) -> Path:
             "(RMSNorm, SwiGLU, RoPE, no biases) convert to HF"
         )
     reader = mcore_checkpoint.GlobalTensorReader(Path(meta["path"]))
+    lora_scale = adapter_scale(meta)  # a LoRA run's adapters are merged into the weights
     lay = tensor_layout(arch, padded_vocab_size=reader.global_shape(MC_EMBED)[0])
     if cfg.dtype is not None and cfg.dtype not in _DTYPES:
         raise UserError(f"--dtype {cfg.dtype}: choose one of {', '.join(_DTYPES)}")
@@ -73,7 +75,9 @@ def export_hf(cfg: ExportConfig) -> Path:
         plan = [TensorInfo(n, dtype, shapes[n]) for _, hf_names in groups for n in hf_names]
         writer = StreamingSafetensorsWriter(tmp, plan, cfg.max_shard_bytes)
         for mc_names, hf_names in groups:
-            group = reader.read(mc_names)
+            group = {
+                n: merged_weight(n, t, reader, lora_scale) for n, t in reader.read(mc_names).items()
+            }
             hf = mcore_to_hf_group(mc_names, group.__getitem__, lay)
             del group
             for name in hf_names:

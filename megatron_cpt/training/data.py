@@ -41,6 +41,7 @@ class DataSettings:
     reset_attention_mask: bool = False
     num_workers: int = 0
     mmap_bin_files: bool = True
+    sft: bool = False  # SFT shard pairs (megatron_cpt.training.sft_data)
 
 
 def parse_blend(data_path: list[str], flag: str = "--data-path") -> tuple[list[str], list[float]]:
@@ -193,6 +194,10 @@ def build_datasets(
     test_samples: int = 0,
 ) -> Datasets:
     """Train blend plus validation (and test) sets, each sized in samples of seq_length."""
+    if settings.sft:
+        from megatron_cpt.training.sft_data import build_sft_datasets
+
+        return build_sft_datasets(settings, Datasets)
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
     )

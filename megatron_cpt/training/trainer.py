@@ -133,7 +133,9 @@ class Trainer:
 
         self.config = build_transformer_config(self.arch, build)
         # Megatron-LM's --calculate-per-token-loss: grads scaled by the global loss-token count.
-        self.config.calculate_per_token_loss = build.calculate_per_token_loss
+        # SFT always: loss masks differ per micro-batch, so gradients are summed over tokens and
+        # divided by the global count (schedules + DDP + finalize_model_grads read this flag).
+        self.config.calculate_per_token_loss = build.calculate_per_token_loss or self.cfg.data.sft
         self.fusions = platform.enable_cuda_fusions(
             self.config, cross_entropy=build.cross_entropy_loss_fusion
         )
@@ -141,6 +143,11 @@ class Trainer:
             self.arch.vocab_size, build.tensor_parallel, build.make_vocab_size_divisible_by
         )
         chunks = build_model_chunks(self.arch, self.config, build=build)
+        self.lora_note = None
+        if self.cfg.lora is not None:  # before DDP/optimizer: frozen base gets no grads/state
+            from megatron_cpt.model.lora import attach_lora
+
+            self.lora_note = attach_lora(chunks, self.cfg)
         if build.bf16:
             from megatron.core.transformer.module import Float16Module
 
@@ -172,6 +179,8 @@ class Trainer:
         )
         for note in platform.startup_notes(build.bf16, self.fusions):
             self.logger.message(note)
+        if self.lora_note is not None:
+            self.logger.message(f"> LoRA: {self.lora_note}")
         self._load()
         valid_samples = log.eval_iters * self.batch.global_batch_size
         self.datasets = build_datasets(
@@ -234,6 +243,8 @@ class Trainer:
             # The schedule follows the current flags at the restored step count.
             self.scheduler.num_steps = int(state.get("scheduler_steps", self.iteration))
             self.scheduler.step(0)
+        elif self.lora_note is not None and self.lora_note["base_loaded"]:
+            self.start_mode = f"LoRA on {pretrained} (base loaded before the adapters)"
         elif pretrained:
             checkpointing.load_checkpoint(pretrained, self.model, weights_only=True)
             # Megatron's optimizer keeps fp32 master copies for bf16; refresh them from weights.

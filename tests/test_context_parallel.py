@@ -13,7 +13,7 @@ from megatron_cpt.errors import UserError
 from megatron_cpt.training import context_parallel
 
 WORKER = r"""
-import json, sys
+import json, pathlib, sys
 import torch
 import torch.distributed as dist
 from megatron_cpt import platform
@@ -56,7 +56,8 @@ dp_only = report["lm loss"].double().clone()
 if dist.get_world_size(ps.get_data_parallel_group()) > 1:
     dist.all_reduce(dp_only, group=ps.get_data_parallel_group())
 ref_sum = float((per_token * full["loss_mask"]).sum())
-print(json.dumps({
+# One file per rank: two ranks printing to one stdout can interleave within a line.
+pathlib.Path(sys.argv[2], f"rank{dist.get_rank()}.json").write_text(json.dumps({
     "rank": ps.get_context_parallel_rank(),
     "cp": ps.get_context_parallel_world_size(),
     "positions": mine["position_ids"][0].tolist(),
@@ -97,13 +98,13 @@ def test_cp_split_and_reduction_equal_the_unsplit_loss(tmp_path, shared_data, sm
     script.write_text(WORKER)
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), json.dumps(seqs)],
+         str(script), json.dumps(seqs), str(tmp_path)],
         capture_output=True, text=True, timeout=300,
         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = sorted(
-        (json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")),
+        (json.loads(p.read_text()) for p in tmp_path.glob("rank*.json")),
         key=lambda r: r["rank"],
     )
     assert [r["cp"] for r in results] == [2, 2]

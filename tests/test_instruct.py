@@ -17,6 +17,8 @@ from megatron_cpt.evaluation.chat import (
 from megatron_cpt.evaluation.instruct import (
     INSTRUCT_TASKS,
     InstructConfig,
+    label_choice,
+    label_forms,
     label_logprobs,
     load_items,
     macro_f1,
@@ -76,6 +78,32 @@ def test_label_scoring_hand_worked():
     assert scores[1].logprob == pytest.approx(math.log(0.36), abs=1e-5)
     assert max(range(2), key=lambda k: scores[k].logprob) == 1
     assert scores[1].ntokens == 2  # chat NLL per token of the reference "y!" = -ln(0.36)/2
+
+
+def test_label_probability_sums_its_casings_hand_worked():
+    # the instruction spells the labels "X" and "y"; the model writes "x" more often than "X".
+    # p(X!) = 0.2 * 0.9 = 0.18, p(x!) = 0.3 * 0.9 = 0.27 -> label 0: 0.45
+    # p(y!) = 0.4 * 0.9 = 0.36, p(Y!) ~ 0 -> label 1: 0.36
+    # Scoring the instruction's spelling only picks "y" (0.36 > 0.18): a casing preference,
+    # not the model's answer. The label is the sum over both casings: label 0.
+    model = Bigram(
+        "qxXyY!",
+        {
+            "q": {"X": 0.2, "x": 0.3, "y": 0.4},
+            "x": {"!": 0.9},
+            "X": {"!": 0.9},
+            "y": {"!": 0.9},
+        },
+    )
+    enc = model.tokenizer.encode
+    assert label_forms("X") == ("X", "x") and label_forms("y") == ("y", "Y")
+    assert label_forms("7") == ("7",)
+    forms = [[enc(f + "!") for f in label_forms(label)] for label in ("X", "y")]
+    preds, reference = label_choice(model, [enc("qq")], forms)
+    assert preds == [0]
+    # the chat-NLL reference is the instruction's spelling: "X!" and "y!"
+    assert reference[0][0].logprob == pytest.approx(math.log(0.18), abs=1e-5)
+    assert reference[0][1].logprob == pytest.approx(math.log(0.36), abs=1e-5)
 
 
 def test_parse_label_and_macro_f1_with_invalid_answers():

@@ -7,12 +7,18 @@ turn under the model's own chat template ("Classify the sentiment ...; answer wi
 the answer after the assistant header. Three readings per task:
 
 - **label log-likelihood** (``acc_ll``, ``f1_ll``): the label that is most probable as the
-  whole assistant answer (label text + the template's end-of-turn text, e.g. ``<|im_end|>``);
+  whole assistant answer (label text + the template's end-of-turn text, e.g. ``<|im_end|>``).
+  A label's probability is the sum over its two surface forms, as the instruction spells it
+  and with the first letter's case swapped ("Neutral" / "neutral"): the answer is the same
+  label either way, as in the case-insensitive parse of generated answers. Scoring one
+  casing only measured casing preference: on SmolLM2 the lowercase forms are 2-4x less
+  likely than the capitalised ones it actually writes;
 - **generated answer** (``acc_gen``, ``f1_gen``, ``invalid_rate``): greedy generation, parsed
   as valid only when its first word is one of the labels; anything else is an
   instruction-following failure, counted wrong and reported as a rate;
 - **chat-format held-out loss** (``chat_nll`` per token, ``chat_ppl``): the NLL of the
-  reference answers (gold label + end of turn) with the prompt under the chat template.
+  reference answers (gold label as the instruction spells it + end of turn) with the prompt
+  under the chat template.
 
 Macro-F1 is over the gold label set (minority classes count); invalid answers are a class of
 their own that is never gold. Items are a fixed-seed sample, the same for every model.
@@ -25,6 +31,8 @@ import random
 import re
 from dataclasses import dataclass, field
 
+import torch
+
 from megatron_cpt.errors import UserError
 from megatron_cpt.evaluation.backend import Backend
 from megatron_cpt.evaluation.chat import chat_template_of, end_of_turn, render_chat
@@ -35,23 +43,24 @@ from megatron_cpt.evaluation.scoring import ScoreRequest, score_requests
 @dataclass(frozen=True)
 class InstructTask:
     file: str
-    labels: tuple[str, ...]  # answer words, as the instruction spells them
+    labels: tuple[str, ...]  # answer words, as the instruction spells them (the reference)
     instruction: str  # format string over the record's fields
 
 
-SENTIMENT = ("negative", "neutral", "positive")
+# capitalised, as an answer word starts a sentence (and as SmolLM2 writes them)
+SENTIMENT = ("Negative", "Neutral", "Positive")
 INSTRUCT_TASKS = {
     "fpb": InstructTask(
         "fpb.jsonl",
         SENTIMENT,
-        "Classify the sentiment of this sentence from a financial news article as negative, "
-        "neutral or positive. Answer with one word.\n\nSentence: {text}",
+        "Classify the sentiment of this sentence from a financial news article. "
+        "Answer with one word: Negative, Neutral or Positive.\n\nSentence: {text}",
     ),
     "fiqasa": InstructTask(
         "fiqasa_test.jsonl",
         SENTIMENT,
-        "Classify the sentiment of this financial microblog post or news headline as "
-        "negative, neutral or positive. Answer with one word.\n\nText: {text}",
+        "Classify the sentiment of this financial microblog post or news headline. "
+        "Answer with one word: Negative, Neutral or Positive.\n\nText: {text}",
     ),
     "headlines": InstructTask(
         "headlines.jsonl",
@@ -134,6 +143,42 @@ def label_logprobs(
     return [scores[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
+def label_forms(label: str) -> tuple[str, ...]:
+    """The label as spelled, then with its first letter's case swapped (when that differs)."""
+    other = label[:1].swapcase() + label[1:]
+    return (label,) if other == label else (label, other)
+
+
+def label_choice(
+    backend: Backend,
+    prompts: list[list[int]],
+    forms: list[list[list[int]]],
+    batch_size: int = 8,
+    desc: str | None = None,
+) -> tuple[list[int], list]:
+    """Most probable label per prompt, each label's probability summed over its surface forms
+    (``forms[label]`` = token ids of each form + end of turn); also the ``[item][label]``
+    score of each label's first form (the reference spelling, for the chat NLL)."""
+    flat = [f for label in forms for f in label]
+    owner = [k for k, label in enumerate(forms) for _ in label]
+    table = label_logprobs(backend, prompts, flat, batch_size, desc=desc)
+    first = [owner.index(k) for k in range(len(forms))]
+    preds, reference = [], []
+    for row in table:
+        total = [
+            torch.logsumexp(
+                torch.tensor(
+                    [s.logprob for s, o in zip(row, owner) if o == k], dtype=torch.float64
+                ),
+                0,
+            ).item()
+            for k in range(len(forms))
+        ]
+        preds.append(max(range(len(forms)), key=total.__getitem__))
+        reference.append([row[i] for i in first])
+    return preds, reference
+
+
 def run_instruct(backend: Backend, cfg: InstructConfig) -> dict:
     """``{task: {acc_ll, f1_ll, acc_gen, f1_gen, invalid_rate, chat_nll, chat_ppl, samples}}``."""
     cfg.validate()
@@ -147,15 +192,14 @@ def run_instruct(backend: Backend, cfg: InstructConfig) -> dict:
         task = INSTRUCT_TASKS[name]
         rows = load_items(name, cfg)
         prompts = [tok.encode(prompt_text(template, task, r, bos, eos)) for r in rows]
-        answers = [tok.encode(label + eot) for label in task.labels]
-        table = label_logprobs(
-            backend, prompts, answers, cfg.batch_size, desc=f"{name} labels (chat)"
+        forms = [[tok.encode(f + eot) for f in label_forms(label)] for label in task.labels]
+        ll_pred, table = label_choice(
+            backend, prompts, forms, cfg.batch_size, desc=f"{name} labels (chat)"
         )
         n = len(task.labels)
         golds = [r["gold"] for r in rows]
-        ll_pred, gold_nll, gold_tokens = [], 0.0, 0
+        gold_nll, gold_tokens = 0.0, 0
         for row_scores, gold in zip(table, golds):
-            ll_pred.append(max(range(n), key=lambda k: row_scores[k].logprob))
             gold_nll -= row_scores[gold].logprob
             gold_tokens += row_scores[gold].ntokens
         until = tuple(s for s in ("\n", eot.strip(), eos) if s)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_convert import hf_logits, sample_ids
 
 from megatron_cpt.convert.exporter import ExportConfig, export_hf
 from megatron_cpt.convert.importer import ImportConfig, import_hf
@@ -77,16 +78,6 @@ def make_family_hf(family: str, out: Path | None, seed: int = 0, **overrides):
     if out is not None:
         model.save_pretrained(out)
     return model
-
-
-def hf_logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits.float()
-
-
-def sample_ids(vocab: int, seed: int = 1) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, vocab, (2, 48), generator=g)
 
 
 @pytest.fixture(scope="module")

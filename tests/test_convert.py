@@ -332,11 +332,9 @@ def test_smollm2_logits_parity_and_export(smollm2_converted, shared_data, tmp_pa
 # ---- integration: the trainer starts CPT from a converted checkpoint -----------------------
 
 
-@pytest.mark.slow
-def test_pretrain_first_loss_equals_hf_loss_on_the_same_batch(smollm2_gguf, shared_data, tmp_path):
-    """tools/pretrain.py --pretrained-checkpoint on a converted tiny HF Llama: its first
-    iteration's lm loss (before any update) must be HF's loss on the same samples. The vocab is
-    SmolLM2's 49152 (a multiple of 128, no padding columns) so both losses see the same logits."""
+def first_loss_vs_hf(model, hf_dir: Path, smollm2_gguf: Path, shared_data: Path, tmp_path: Path):
+    """Convert ``hf_dir`` (``model``'s checkpoint), run tools/pretrain.py for one iteration from
+    it, and return (trainer's first-iteration lm loss, HF's loss on the same global batch)."""
     from megatron_cpt import config as train_config
     from megatron_cpt.data.preprocess import PreprocessConfig, run_preprocess
     from megatron_cpt.training.data import build_datasets
@@ -355,9 +353,7 @@ def test_pretrain_first_loss_equals_hf_loss_on_the_same_batch(smollm2_gguf, shar
             log_interval=0,
         )
     )
-    model = make_tiny_hf("gqa-untied-llama3", tmp_path / "hf", vocab_size=49152)
-    import_hf(ImportConfig(str(tmp_path / "hf"), str(tmp_path / "mc")))
-
+    import_hf(ImportConfig(str(hf_dir), str(tmp_path / "mc")))
     args = [
         "--pretrained-checkpoint", str(tmp_path / "mc"),
         "--data-path", str(tmp_path / "reports_text_document"),
@@ -395,9 +391,21 @@ def test_pretrain_first_loss_equals_hf_loss_on_the_same_batch(smollm2_gguf, shar
         logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
     )
     hf_loss = float((nll * mask.reshape(-1)).sum() / mask.sum())
-    print(f"first-iteration lm loss: trainer {first['lm_loss']:.8f}  HF {hf_loss:.8f}")
+    return first["lm_loss"], hf_loss
+
+
+@pytest.mark.slow
+def test_pretrain_first_loss_equals_hf_loss_on_the_same_batch(smollm2_gguf, shared_data, tmp_path):
+    """tools/pretrain.py --pretrained-checkpoint on a converted tiny HF Llama: its first
+    iteration's lm loss (before any update) must be HF's loss on the same samples. The vocab is
+    SmolLM2's 49152 (a multiple of 128, no padding columns) so both losses see the same logits."""
+    model = make_tiny_hf("gqa-untied-llama3", tmp_path / "hf", vocab_size=49152)
+    trainer_loss, hf_loss = first_loss_vs_hf(
+        model, tmp_path / "hf", smollm2_gguf, shared_data, tmp_path
+    )
+    print(f"first-iteration lm loss: trainer {trainer_loss:.8f}  HF {hf_loss:.8f}")
     assert abs(hf_loss - math.log(49152)) > 1.0  # far from uniform: weights matter
-    assert abs(first["lm_loss"] - hf_loss) <= 1e-4 * hf_loss, (first["lm_loss"], hf_loss)
+    assert abs(trainer_loss - hf_loss) <= 1e-4 * hf_loss, (trainer_loss, hf_loss)
 
 
 def test_requested_model_accepts_float32_rounded_norm_eps():

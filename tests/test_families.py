@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_convert import hf_logits, sample_ids
+from test_convert import first_loss_vs_hf, hf_logits, sample_ids
 
 from megatron_cpt.convert.exporter import ExportConfig, export_hf
 from megatron_cpt.convert.importer import ImportConfig, import_hf
@@ -510,59 +510,10 @@ def test_pretrain_first_loss_equals_hf_loss(family, smollm2_gguf, shared_data, t
     """tools/pretrain.py --pretrained-checkpoint on a converted tiny model of each family: the
     first iteration's lm loss (before any update) equals HF's loss on the same samples (vocab
     49152, a multiple of 128: no padding columns in either softmax)."""
-    from megatron_cpt import config as train_config
-    from megatron_cpt.data.preprocess import PreprocessConfig, run_preprocess
-    from megatron_cpt.training.data import build_datasets
-    from megatron_cpt.training.trainer import build_settings
-
-    docs = tmp_path / "docs.jsonl"
-    lines = (shared_data / "domain" / "annual_reports.jsonl").read_text().splitlines()[:40]
-    docs.write_text("\n".join(lines) + "\n")
-    run_preprocess(
-        PreprocessConfig(
-            inputs=[str(docs)],
-            output_prefix=str(tmp_path / "reports"),
-            tokenizer_type="HuggingFaceTokenizer",
-            tokenizer_model=str(smollm2_gguf),
-            append_eod=True,
-            log_interval=0,
-        )
-    )
     model = make_family_hf(family, tmp_path / "hf", vocab_size=49152)
-    import_hf(ImportConfig(str(tmp_path / "hf"), str(tmp_path / "mc")))
-    args = [
-        "--pretrained-checkpoint", str(tmp_path / "mc"),
-        "--data-path", str(tmp_path / "reports_text_document"),
-        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(smollm2_gguf),
-        "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4",
-        "--train-iters", "1", "--split", "100,0,0", "--log-interval", "1",
-        "--run-dir", str(tmp_path / "run"), "--lr", "1e-4",
-    ]  # fmt: skip
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "pretrain.py"), *args],
-        env=_child_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
+    trainer_loss, hf_loss = first_loss_vs_hf(
+        model, tmp_path / "hf", smollm2_gguf, shared_data, tmp_path
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    first = next(r for r in records if r.get("kind") == "train" and r["iteration"] == 1)
-
-    settings = build_settings(train_config.parse_args(args))
-    datasets = build_datasets(
-        settings["data"], settings["tokenizer"], settings["batch"].train_samples, 0
-    )
-    samples = [datasets.train[i] for i in range(4)]
-    tokens = torch.stack([torch.as_tensor(s["tokens"]) for s in samples]).long()
-    labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples]).long()
-    mask = torch.stack([torch.as_tensor(s["loss_mask"]) for s in samples]).float()
-    with torch.no_grad():
-        logits = model(tokens).logits
-    nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="none"
-    )
-    hf_loss = float((nll * mask.reshape(-1)).sum() / mask.sum())
-    print(f"{family} first-iteration lm loss: trainer {first['lm_loss']:.8f}  HF {hf_loss:.8f}")
+    print(f"{family} first-iteration lm loss: trainer {trainer_loss:.8f}  HF {hf_loss:.8f}")
     assert abs(hf_loss - math.log(49152)) > 1.0
-    assert abs(first["lm_loss"] - hf_loss) <= 1e-4 * hf_loss, (first["lm_loss"], hf_loss)
+    assert abs(trainer_loss - hf_loss) <= 1e-4 * hf_loss, (trainer_loss, hf_loss)

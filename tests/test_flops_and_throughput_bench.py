@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from megatron_cpt.flops import matmul_params_per_layer, training_flops_per_token
@@ -40,6 +41,7 @@ def test_flops_per_token_counts_attention_over_the_full_sequence():
     assert training_flops_per_token(arch, 128, padded_vocab=1024) - f128 == 6 * 96 * 24
 
 
+@pytest.mark.slow
 def test_gpu_check_steps_run_tiny_on_cpu(tmp_path, llama3_tokenizer_model):
     """bench/gpu_check.sh --cpu-smoke: every step of the one-shot GPU check (device report,
     5 training steps, save/resume exactness, ours vs HF throughput, SDPA vs unfused) runs in

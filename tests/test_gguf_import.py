@@ -72,6 +72,7 @@ def test_gguf_reader_equals_transformers_from_pretrained(tiny_ggufs, name):
     assert_reader_equals_transformers(tiny_ggufs[name])
 
 
+@pytest.mark.slow
 def test_real_smollm2_gguf_reader_equals_transformers_from_pretrained(smollm2_gguf):
     """Q8_0 embedding, Q4_1 matrices, F32 norms, tied head: all 272 tensors, bit for bit."""
     assert_reader_equals_transformers(smollm2_gguf)

@@ -193,6 +193,7 @@ def test_same_parameters_and_checkpoint_keys_interchangeable(mp, tmp_path):
         assert (sdpa(tokens, pos, None) - unfused(tokens, pos, None)).abs().max() <= TOL
 
 
+@pytest.mark.slow
 def test_training_losses_match_unfused(shared_data, smollm2_gguf, tmp_path):
     """tools/pretrain.py on real shards, with --reset-attention-mask (explicit masks), SDPA
     (default) vs --attention-backend unfused: the same losses step by step."""

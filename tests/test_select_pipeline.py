@@ -235,6 +235,7 @@ def test_scoring_resumes_where_an_interrupted_run_stopped(corpus, tmp_path, pos_
     assert summary["cache"]["pos-entropy"] == {"cached": 16, "scored": 24}
 
 
+@pytest.mark.slow
 def test_combined_metric_averages_ranks_with_perplexity(
     shared_data, tmp_path, smollm2_gguf, sim_scorer, pos_scorer, task_file
 ):

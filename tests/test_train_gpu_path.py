@@ -154,6 +154,7 @@ def test_distributed_optimizer_dp2_equals_plain_dp2_resumes_and_loads_at_dp1(sha
 # ------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_overlap_gives_the_same_losses_single_rank(shards, tmp_path):
     """Two micro-batches per step, so ``no_sync`` and the bucket hooks really run."""
     two_mb = ["--global-batch-size", "4", "--micro-batch-size", "2", "--train-iters", "4"]
@@ -215,6 +216,7 @@ def test_context_parallel_without_te_is_one_line_before_compute(shards, tmp_path
     assert not (tmp_path / "metrics.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_per_token_loss_matches_the_mean_when_token_counts_are_equal(shards, tmp_path):
     """``--calculate-per-token-loss`` scales grads by the global token count instead of
     averaging per-micro-batch means; without --eod-mask-loss every micro-batch has the same

@@ -14,9 +14,12 @@
 // exactly where PyTorch's CPU kernels round (16-bit tensors compute in float32 and round after
 // each op; reductions over the model axis are sequential float32 sums starting at +0, rounded
 // once), the threshold is the same radix select, and ties in magnitude at the threshold keep
-// the lowest flat indices (per-chunk counts of threshold-equal keys give each chunk its rank
-// offset, so the parallel result does not depend on the thread count). Build with
+// the lowest flat indices (the per-chunk counts of threshold-equal keys locate the flat index
+// where the kept ones end, so the result does not depend on the thread count). Build with
 // -ffp-contract=off: a fused multiply-add would skip a rounding PyTorch makes.
+//
+// Speed: pass 2 works in blocks of kBlock elements, one branch-free loop per step and model,
+// which the compiler vectorizes (SSE2 on plain x86-64; AVX2 with -DMCPT_MARCH_NATIVE=ON).
 #include <cstdint>
 #include <cstring>
 #include <new>
@@ -32,7 +35,8 @@ constexpr int kBins = 1 << 15;     // 15-bit magnitude keys (16-bit dtypes) or t
 constexpr int kLowBins = 1 << 16;  // fp32: the low 16 bits within the selected high bucket
 constexpr int64_t kMinChunk = 1 << 20;
 constexpr int64_t kMaxChunks = 64;  // bounds the per-chunk histograms' memory
-constexpr int kMaxModels = 64;
+constexpr int kMaxModels = 8;
+constexpr int kBlock = 512;  // elements per block: every inner loop is branch-free and vectorizes
 
 inline float from_bits(uint32_t u) {
   float f;
@@ -45,27 +49,29 @@ inline uint32_t to_bits(float f) {
   return u;
 }
 
+// Each dtype: load (to float32), store (round to nearest even, as c10 does), round (store then
+// load) and the magnitude key (the bits of |x|, which order like |x|; always below 2^31).
 struct F32 {
   using T = float;
   static constexpr bool kWide = true;
   static float load(T x) { return x; }
   static T store(float f) { return f; }
   static float round(float f) { return f; }
-  static uint32_t key(T x) { return to_bits(x) & 0x7FFFFFFFu; }
+  static int32_t key(T x) { return static_cast<int32_t>(to_bits(x) & 0x7FFFFFFFu); }
 };
 
-// c10::BFloat16's round-to-nearest-even (NaN -> 0x7FC0).
+// c10::BFloat16's round_to_nearest_even (NaN -> 0x7FC0), written without branches.
 struct BF16 {
   using T = uint16_t;
   static constexpr bool kWide = false;
   static float load(T x) { return from_bits(static_cast<uint32_t>(x) << 16); }
   static T store(float f) {
-    if (f != f) return 0x7FC0;
-    uint32_t u = to_bits(f);
-    return static_cast<T>((u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16);
+    const uint32_t u = to_bits(f);
+    const uint32_t rounded = (u + (((u >> 16) & 1u) + 0x7FFFu)) >> 16;
+    return static_cast<T>(f != f ? 0x7FC0u : rounded);
   }
   static float round(float f) { return load(store(f)); }
-  static uint32_t key(T x) { return x & 0x7FFFu; }
+  static int32_t key(T x) { return x & 0x7FFF; }
 };
 
 #ifdef __FLT16_MAX__
@@ -84,25 +90,41 @@ struct F16 {
     return x;
   }
   static float round(float f) { return static_cast<float>(static_cast<_Float16>(f)); }
-  static uint32_t key(T x) { return x & 0x7FFFu; }
+  static int32_t key(T x) { return x & 0x7FFF; }
 };
 #endif
 
-// How one fine-tune is trimmed: keep all (density >= 1), none (density <= 0), or its k largest.
+// How one fine-tune is trimmed: keep all (density >= 1), none (density <= 0), or its k largest:
+// every key above the threshold, and the threshold-equal keys at flat indices below ``cut``
+// (there are exactly ``k - above`` of those: the lowest-index ones, as the PyTorch kernel keeps).
 struct Trim {
   int64_t k;  // -1: keep all; 0: keep none
-  uint32_t threshold = 0;
-  int64_t missing = 0;        // threshold-equal entries kept (the lowest flat indices)
-  std::vector<int64_t> seen;  // per chunk: threshold-equal entries in earlier chunks
+  int32_t threshold = 0;
+  int64_t cut = 0;
 };
 
+struct Span {
+  int64_t begin, end;
+};
+
+inline Span chunk_span(int64_t c, int64_t chunk, int64_t n) {
+  return {c * chunk, (c + 1) * chunk < n ? (c + 1) * chunk : n};
+}
+
+// The magnitude keys of x - base over [begin, begin + len), len <= kBlock.
+template <typename D>
+inline void delta_keys(const typename D::T* __restrict base, const typename D::T* __restrict x,
+                       int64_t begin, int len, int32_t* __restrict keys) {
+  for (int p = 0; p < len; ++p)
+    keys[p] = D::key(D::store(D::load(x[begin + p]) - D::load(base[begin + p])));
+}
+
 // The bin holding the k-th largest element, and how many elements lie above that bin.
-template <typename Count>
-void select_bin(const Count* counts, int bins, int64_t k, uint32_t* bin, int64_t* above) {
+void select_bin(const int64_t* counts, int bins, int64_t k, int32_t* bin, int64_t* above) {
   int64_t cum = 0;
   for (int b = bins - 1; b >= 0; --b) {
-    if (cum + static_cast<int64_t>(counts[b]) >= k) {
-      *bin = static_cast<uint32_t>(b);
+    if (cum + counts[b] >= k) {
+      *bin = b;
       *above = cum;
       return;
     }
@@ -112,56 +134,73 @@ void select_bin(const Count* counts, int bins, int64_t k, uint32_t* bin, int64_t
   *above = cum;
 }
 
+// Per-chunk histograms of (key >> shift) over the keys whose (key >> 16) == only (if only >= 0),
+// masked by mask; summed into total.
+template <typename D>
+void histogram(const typename D::T* base, const typename D::T* x, int64_t n, int64_t chunk,
+               int64_t chunks, int shift, int32_t mask, int32_t only, int bins,
+               std::vector<uint32_t>& hist, std::vector<int64_t>& total, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads)
+  for (int64_t c = 0; c < chunks; ++c) {
+    uint32_t* h = hist.data() + c * bins;
+    std::memset(h, 0, sizeof(uint32_t) * bins);
+    int32_t keys[kBlock];
+    const Span s = chunk_span(c, chunk, n);
+    for (int64_t begin = s.begin; begin < s.end; begin += kBlock) {
+      const int len = static_cast<int>(s.end - begin < kBlock ? s.end - begin : kBlock);
+      delta_keys<D>(base, x, begin, len, keys);
+      if (only < 0) {
+        for (int p = 0; p < len; ++p) ++h[(keys[p] >> shift) & mask];
+      } else {
+        for (int p = 0; p < len; ++p)
+          if ((keys[p] >> 16) == only) ++h[keys[p] & mask];
+      }
+    }
+  }
+  total.assign(bins, 0);
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int b = 0; b < bins; ++b) total[b] += hist[c * bins + b];
+}
+
 template <typename D>
 void threshold(const typename D::T* base, const typename D::T* x, int64_t n, int64_t chunk,
                int64_t chunks, Trim& trim, std::vector<uint32_t>& hist, int threads) {
-  using T = typename D::T;
-  const int shift = D::kWide ? 16 : 0;
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t c = 0; c < chunks; ++c) {
-    uint32_t* h = hist.data() + c * kBins;
-    std::memset(h, 0, sizeof(uint32_t) * kBins);
-    const int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
-    for (int64_t j = c * chunk; j < end; ++j) {
-      T d = D::store(D::load(x[j]) - D::load(base[j]));
-      ++h[D::key(d) >> shift];
-    }
-  }
-  std::vector<int64_t> total(kBins, 0);
-  for (int64_t c = 0; c < chunks; ++c)
-    for (int b = 0; b < kBins; ++b) total[b] += hist[c * kBins + b];
-  uint32_t high;
+  std::vector<int64_t> total;
+  histogram<D>(base, x, n, chunk, chunks, D::kWide ? 16 : 0, kBins - 1, -1, kBins, hist, total,
+               threads);
+  int32_t bin;
   int64_t above;
-  select_bin(total.data(), kBins, trim.k, &high, &above);
-  trim.seen.assign(chunks, 0);
-  if (!D::kWide) {
-    trim.threshold = high;
-    trim.missing = trim.k - above;
-    for (int64_t c = 1; c < chunks; ++c)
-      trim.seen[c] = trim.seen[c - 1] + hist[(c - 1) * kBins + high];
-    return;
+  select_bin(total.data(), kBins, trim.k, &bin, &above);
+  int bins = kBins;
+  if (D::kWide) {  // the low 16 bits, among the keys of the selected high bucket
+    const int32_t high = bin;
+    hist.resize(static_cast<size_t>(chunks) * kLowBins);
+    histogram<D>(base, x, n, chunk, chunks, 0, 0xFFFF, high, kLowBins, hist, total, threads);
+    int64_t above_low;
+    select_bin(total.data(), kLowBins, trim.k - above, &bin, &above_low);
+    above += above_low;
+    bin |= high << 16;
+    bins = kLowBins;
   }
-  std::vector<uint32_t> low(static_cast<size_t>(chunks) * kLowBins);
-#pragma omp parallel for schedule(static) num_threads(threads)
-  for (int64_t c = 0; c < chunks; ++c) {
-    uint32_t* h = low.data() + c * kLowBins;
-    std::memset(h, 0, sizeof(uint32_t) * kLowBins);
-    const int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
-    for (int64_t j = c * chunk; j < end; ++j) {
-      uint32_t key = D::key(D::store(D::load(x[j]) - D::load(base[j])));
-      if ((key >> 16) == high) ++h[key & 0xFFFFu];
+  trim.threshold = bin;
+  // The threshold-equal keys to keep: the first `missing` in flat order. Find the chunk that
+  // holds the last of them from the per-chunk counts, then its flat index by one scan.
+  int64_t missing = trim.k - above, c = 0;
+  const int32_t slot = D::kWide ? (bin & 0xFFFF) : bin;
+  for (; c < chunks && missing > hist[c * bins + slot]; ++c) missing -= hist[c * bins + slot];
+  const Span s = chunk_span(c, chunk, n);
+  int32_t keys[kBlock];
+  for (int64_t begin = s.begin; begin < s.end; begin += kBlock) {
+    const int len = static_cast<int>(s.end - begin < kBlock ? s.end - begin : kBlock);
+    delta_keys<D>(base, x, begin, len, keys);
+    for (int p = 0; p < len; ++p) {
+      if (keys[p] == bin && --missing == 0) {
+        trim.cut = begin + p + 1;
+        return;
+      }
     }
   }
-  std::vector<int64_t> low_total(kLowBins, 0);
-  for (int64_t c = 0; c < chunks; ++c)
-    for (int b = 0; b < kLowBins; ++b) low_total[b] += low[c * kLowBins + b];
-  uint32_t lo;
-  int64_t above_low;
-  select_bin(low_total.data(), kLowBins, trim.k - above, &lo, &above_low);
-  trim.threshold = (high << 16) | lo;
-  trim.missing = trim.k - above - above_low;
-  for (int64_t c = 1; c < chunks; ++c)
-    trim.seen[c] = trim.seen[c - 1] + low[(c - 1) * kLowBins + lo];
+  trim.cut = n;  // not reached: the counts guarantee `missing` equal keys
 }
 
 template <typename D>
@@ -170,8 +209,8 @@ int ties(const void* base_v, const void* const* inputs_v, int models, int64_t n,
          void* out_v, int threads) {
   using T = typename D::T;
   if (models < 1 || models > kMaxModels || n < 1) return 1;
-  const T* base = static_cast<const T*>(base_v);
-  T* out = static_cast<T*>(out_v);
+  const T* __restrict base = static_cast<const T*>(base_v);
+  T* __restrict out = static_cast<T*>(out_v);
   const T* x[kMaxModels];
   for (int i = 0; i < models; ++i) x[i] = static_cast<const T*>(inputs_v[i]);
   if (threads < 1) threads = 1;
@@ -179,64 +218,72 @@ int ties(const void* base_v, const void* const* inputs_v, int models, int64_t n,
   if (chunk < kMinChunk) chunk = kMinChunk;
   const int64_t chunks = (n + chunk - 1) / chunk;
 
-  std::vector<Trim> trims(models);
+  Trim trims[kMaxModels];
   std::vector<uint32_t> hist;
   for (int i = 0; i < models; ++i) {
-    trims[i].k = ks[i];
-    if (ks[i] > 0 && ks[i] < n) {
-      if (hist.empty()) hist.resize(static_cast<size_t>(chunks) * kBins);
+    trims[i].k = ks[i] >= n ? -1 : ks[i];  // k == n keeps everything, as the radix select would
+    if (trims[i].k > 0) {
+      hist.resize(static_cast<size_t>(chunks) * kBins);
       threshold<D>(base, x[i], n, chunk, chunks, trims[i], hist, threads);
-    } else if (ks[i] >= n) {
-      trims[i].k = -1;  // k == n keeps everything, as the radix select would
     }
   }
 
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t c = 0; c < chunks; ++c) {
-    int64_t seen[kMaxModels];
-    float wd[kMaxModels];
-    for (int i = 0; i < models; ++i) seen[i] = trims[i].seen.empty() ? 0 : trims[i].seen[c];
-    const int64_t end = (c + 1) * chunk < n ? (c + 1) * chunk : n;
-    for (int64_t j = c * chunk; j < end; ++j) {
-      const float b = D::load(base[j]);
-      float sum = 0.0f;
+    float wd[kMaxModels][kBlock];
+    float b[kBlock], sum[kBlock], elected[kBlock], mixed[kBlock], divisor[kBlock];
+    const Span s = chunk_span(c, chunk, n);
+    for (int64_t begin = s.begin; begin < s.end; begin += kBlock) {
+      const int len = static_cast<int>(s.end - begin < kBlock ? s.end - begin : kBlock);
+      for (int p = 0; p < len; ++p) {
+        b[p] = D::load(base[begin + p]);
+        sum[p] = 0.0f;
+      }
       for (int i = 0; i < models; ++i) {
-        const T d = D::store(D::load(x[i][j]) - b);
-        bool keep;
-        const Trim& t = trims[i];
+        const T* __restrict xi = x[i] + begin;
+        const float w = weights[i];
+        float* __restrict wdi = wd[i];
+        const Trim t = trims[i];
         if (t.k < 0) {
-          keep = true;
+          for (int p = 0; p < len; ++p) wdi[p] = D::round(D::round(D::load(xi[p]) - b[p]) * w);
         } else if (t.k == 0) {
-          keep = false;
+          for (int p = 0; p < len; ++p) wdi[p] = D::round(0.0f * w);
         } else {
-          const uint32_t key = D::key(d);
-          if (key > t.threshold) {
-            keep = true;
-          } else if (key == t.threshold) {
-            keep = seen[i] < t.missing;
-            ++seen[i];
-          } else {
-            keep = false;
+          // threshold-equal keys are kept at block positions below `cut` (int32: vectorizes)
+          const int64_t rel = t.cut - begin;
+          const int32_t cut = static_cast<int32_t>(rel < 0 ? 0 : (rel > len ? len : rel));
+          for (int p = 0; p < len; ++p) {
+            const T d = D::store(D::load(xi[p]) - b[p]);
+            const int32_t key = D::key(d);
+            const bool keep = (key > t.threshold) | ((key == t.threshold) & (p < cut));
+            wdi[p] = D::round((keep ? D::load(d) : 0.0f) * w);  // masked_fill, mul_(weight)
           }
         }
-        const float kept = keep ? D::load(d) : 0.0f;  // masked_fill(~keep, 0)
-        wd[i] = D::round(kept * weights[i]);          // deltas.mul_(weight)
-        sum += wd[i];
+        for (int p = 0; p < len; ++p) sum[p] += wdi[p];  // deltas.sum(0), in model order
       }
-      const float elected = D::round(sum) >= 0.0f ? 1.0f : -1.0f;
-      float mixed = 0.0f, divisor = 0.0f;
+      for (int p = 0; p < len; ++p) {
+        elected[p] = D::round(sum[p]) >= 0.0f ? 1.0f : -1.0f;
+        mixed[p] = 0.0f;
+        divisor[p] = 0.0f;
+      }
       for (int i = 0; i < models; ++i) {
-        const bool agree = (wd[i] > 0.0f && elected > 0.0f) || (wd[i] < 0.0f && elected < 0.0f);
-        const float a = agree ? 1.0f : 0.0f;
-        mixed += wd[i] * a;  // (deltas * agree).sum(0): NaN * 0 stays NaN, as in PyTorch
-        divisor += D::round(weights[i] * a);
+        const float w = weights[i];
+        const float* __restrict wdi = wd[i];
+        for (int p = 0; p < len; ++p) {
+          // sign(wd) == elected: elected is +-1, so the product is exact; 0 and NaN disagree
+          const float a = static_cast<float>(wdi[p] * elected[p] > 0.0f);
+          mixed[p] += wdi[p] * a;  // (deltas * agree).sum(0): NaN * 0 stays NaN, as in PyTorch
+          divisor[p] += D::round(w * a);
+        }
       }
-      mixed = D::round(mixed);
-      divisor = D::round(divisor);
-      if (divisor == 0.0f) divisor = 1.0f;
-      if (normalize) mixed = D::round(mixed / divisor);
-      if (apply_lambda) mixed = D::round(mixed * lambda);
-      out[j] = D::store(b + mixed);
+      for (int p = 0; p < len; ++p) {
+        float m = D::round(mixed[p]);
+        float dv = D::round(divisor[p]);
+        dv = dv == 0.0f ? 1.0f : dv;
+        m = normalize ? D::round(m / dv) : m;
+        m = apply_lambda ? D::round(m * lambda) : m;
+        out[begin + p] = D::store(b[p] + m);
+      }
     }
   }
   return 0;

@@ -186,3 +186,20 @@ def test_whole_merge_equal_both_ways(ckpts, tmp_path, monkeypatch, tag):  # noqa
     assert set(fused) == set(reference)
     for name in reference:
         assert_bits_equal(fused[name], reference[name])
+
+
+@built
+def test_tie_cut_at_a_chunk_boundary(monkeypatch):
+    """Every magnitude equal over two chunks (2**20 entries each) and k = one chunk: the cut
+    falls exactly on the boundary, and the first chunk's entries are the ones kept."""
+    g = torch.Generator().manual_seed(6)
+    # base in [1, 1.5) on bf16's grid there (2**-7), so base +- 2**-7 is exact
+    base = (1 + torch.randint(0, 64, (2**21,), generator=g) * 2**-7).bfloat16()
+    signs = torch.randint(0, 2, base.shape, generator=g) * 2 - 1
+    tensor = (base.float() + signs * 2**-7).bfloat16()
+    assert (tensor.float() - base.float()).abs().unique().tolist() == [2**-7]
+    fused, reference = both(monkeypatch, base, [tensor], [1.0], [0.5])
+    assert_bits_equal(fused, reference)
+    assert torch.equal(fused[: 2**20], tensor[: 2**20]) and torch.equal(
+        fused[2**20 :], base[2**20 :]
+    )

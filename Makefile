@@ -19,11 +19,10 @@ $(VENV)/.installed: setup.py
 
 # The native TIES kernel (CMakeLists.txt). Optional: without cmake (taken from PyPI if absent)
 # or a C++ compiler the merge uses its PyTorch kernel, and install goes on with a one-line note.
-# NATIVE_CMAKE_FLAGS=-DMCPT_MARCH_NATIVE=ON builds for this CPU (faster; not portable).
 native:
 	@mkdir -p build; \
 	CMAKE=$$(command -v cmake || { $(PY) -m pip install -q cmake >/dev/null 2>&1 && echo $(VENV)/bin/cmake; }); \
-	if [ -n "$$CMAKE" ] && $$CMAKE -S . -B build/native -DCMAKE_BUILD_TYPE=Release $(NATIVE_CMAKE_FLAGS) >build/native.log 2>&1 \
+	if [ -n "$$CMAKE" ] && $$CMAKE -S . -B build/native -DCMAKE_BUILD_TYPE=Release >build/native.log 2>&1 \
 	  && $$CMAKE --build build/native >>build/native.log 2>&1; then \
 	  echo "native merge kernel built: megatron_cpt/merge/libmcpt_merge.so"; \
 	else \

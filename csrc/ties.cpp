@@ -19,11 +19,11 @@
 // -ffp-contract=off: a fused multiply-add would skip a rounding PyTorch makes.
 //
 // Speed: pass 2 works in blocks of kBlock elements, one branch-free loop per step and model,
-// which the compiler vectorizes (SSE2 on plain x86-64; AVX2 with -DMCPT_MARCH_NATIVE=ON).
+// which the compiler vectorizes: SSE2 in this generic build, AVX2 in ties_avx2.cpp (the same
+// source compiled with -mavx2; IEEE operations give the same bits at any vector width).
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
-#include <new>
-#include <vector>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -135,14 +135,14 @@ void select_bin(const int64_t* counts, int bins, int64_t k, int32_t* bin, int64_
 }
 
 // Per-chunk histograms of (key >> shift) over the keys whose (key >> 16) == only (if only >= 0),
-// masked by mask; summed into total.
+// masked by mask; summed into total. hist holds chunks x bins counts, total bins.
 template <typename D>
 void histogram(const typename D::T* base, const typename D::T* x, int64_t n, int64_t chunk,
-               int64_t chunks, int shift, int32_t mask, int32_t only, int bins,
-               std::vector<uint32_t>& hist, std::vector<int64_t>& total, int threads) {
+               int64_t chunks, int shift, int32_t mask, int32_t only, int bins, uint32_t* hist,
+               int64_t* total, int threads) {
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t c = 0; c < chunks; ++c) {
-    uint32_t* h = hist.data() + c * bins;
+    uint32_t* h = hist + c * bins;
     std::memset(h, 0, sizeof(uint32_t) * bins);
     int32_t keys[kBlock];
     const Span s = chunk_span(c, chunk, n);
@@ -157,27 +157,28 @@ void histogram(const typename D::T* base, const typename D::T* x, int64_t n, int
       }
     }
   }
-  total.assign(bins, 0);
+  std::memset(total, 0, sizeof(int64_t) * bins);
   for (int64_t c = 0; c < chunks; ++c)
     for (int b = 0; b < bins; ++b) total[b] += hist[c * bins + b];
 }
 
+// hist: chunks x kLowBins counts (kBins for 16-bit dtypes); total: kLowBins. No std containers
+// here: this file is also compiled with -mavx2, and a weak template instantiation shared with
+// the generic build could hand AVX2 code to a CPU without it.
 template <typename D>
 void threshold(const typename D::T* base, const typename D::T* x, int64_t n, int64_t chunk,
-               int64_t chunks, Trim& trim, std::vector<uint32_t>& hist, int threads) {
-  std::vector<int64_t> total;
+               int64_t chunks, Trim& trim, uint32_t* hist, int64_t* total, int threads) {
   histogram<D>(base, x, n, chunk, chunks, D::kWide ? 16 : 0, kBins - 1, -1, kBins, hist, total,
                threads);
   int32_t bin;
   int64_t above;
-  select_bin(total.data(), kBins, trim.k, &bin, &above);
+  select_bin(total, kBins, trim.k, &bin, &above);
   int bins = kBins;
   if (D::kWide) {  // the low 16 bits, among the keys of the selected high bucket
     const int32_t high = bin;
-    hist.resize(static_cast<size_t>(chunks) * kLowBins);
     histogram<D>(base, x, n, chunk, chunks, 0, 0xFFFF, high, kLowBins, hist, total, threads);
     int64_t above_low;
-    select_bin(total.data(), kLowBins, trim.k - above, &bin, &above_low);
+    select_bin(total, kLowBins, trim.k - above, &bin, &above_low);
     above += above_low;
     bin |= high << 16;
     bins = kLowBins;
@@ -219,14 +220,26 @@ int ties(const void* base_v, const void* const* inputs_v, int models, int64_t n,
   const int64_t chunks = (n + chunk - 1) / chunk;
 
   Trim trims[kMaxModels];
-  std::vector<uint32_t> hist;
+  uint32_t* hist = nullptr;
+  int64_t* total = nullptr;
   for (int i = 0; i < models; ++i) {
     trims[i].k = ks[i] >= n ? -1 : ks[i];  // k == n keeps everything, as the radix select would
     if (trims[i].k > 0) {
-      hist.resize(static_cast<size_t>(chunks) * kBins);
-      threshold<D>(base, x[i], n, chunk, chunks, trims[i], hist, threads);
+      if (hist == nullptr) {
+        const int bins = D::kWide ? kLowBins : kBins;
+        hist = static_cast<uint32_t*>(std::malloc(sizeof(uint32_t) * bins * chunks));
+        total = static_cast<int64_t*>(std::malloc(sizeof(int64_t) * bins));
+        if (hist == nullptr || total == nullptr) {
+          std::free(hist);
+          std::free(total);
+          return 3;
+        }
+      }
+      threshold<D>(base, x[i], n, chunk, chunks, trims[i], hist, total, threads);
     }
   }
+  std::free(hist);
+  std::free(total);
 
 #pragma omp parallel for schedule(static) num_threads(threads)
   for (int64_t c = 0; c < chunks; ++c) {
@@ -291,45 +304,28 @@ int ties(const void* base_v, const void* const* inputs_v, int models, int64_t n,
 
 }  // namespace
 
-extern "C" {
+// The kernel entry for this compilation: ties.cpp builds the generic one; ties_avx2.cpp
+// includes this file again with MCPT_TIES_ENTRY renamed and -mavx2 (dispatch.cpp chooses).
+#ifndef MCPT_TIES_ENTRY
+#define MCPT_TIES_ENTRY mcpt_ties_generic
+#endif
 
-// dtype: 0 float32, 1 bfloat16, 2 float16. All buffers contiguous, n elements each.
-// ks[i]: -1 keeps all of fine-tune i, 0 none, else its k largest magnitudes (k = max(1,
-// int(density * n)), computed by the caller exactly as the PyTorch kernel does).
-// weights[i]: the weight as rounded to the tensor dtype. Returns 0, or non-zero when the
-// arguments are outside what this kernel handles (the caller then uses the PyTorch kernel).
-int mcpt_ties(int dtype, const void* base, const void* const* inputs, int models, int64_t n,
-              const int64_t* ks, const float* weights, int normalize, float lambda,
-              int apply_lambda, void* out, int threads) {
-  try {
-    switch (dtype) {
-      case 0:
-        return ties<F32>(base, inputs, models, n, ks, weights, normalize, lambda, apply_lambda,
-                         out, threads);
-      case 1:
-        return ties<BF16>(base, inputs, models, n, ks, weights, normalize, lambda, apply_lambda,
-                          out, threads);
+extern "C" int MCPT_TIES_ENTRY(int dtype, const void* base, const void* const* inputs, int models,
+                               int64_t n, const int64_t* ks, const float* weights, int normalize,
+                               float lambda, int apply_lambda, void* out, int threads) {
+  switch (dtype) {
+    case 0:
+      return ties<F32>(base, inputs, models, n, ks, weights, normalize, lambda, apply_lambda,
+                       out, threads);
+    case 1:
+      return ties<BF16>(base, inputs, models, n, ks, weights, normalize, lambda, apply_lambda,
+                        out, threads);
 #ifdef __FLT16_MAX__
-      case 2:
-        return ties<F16>(base, inputs, models, n, ks, weights, normalize, lambda, apply_lambda,
-                         out, threads);
+    case 2:
+      return ties<F16>(base, inputs, models, n, ks, weights, normalize, lambda, apply_lambda,
+                       out, threads);
 #endif
       default:
-        return 2;
-    }
-  } catch (const std::bad_alloc&) {
-    return 3;
+      return 2;
   }
-}
-
-// Lets the loader check that it found the library it expects.
-int mcpt_abi_version() { return 1; }
-
-int mcpt_openmp() {
-#ifdef _OPENMP
-  return 1;
-#else
-  return 0;
-#endif
-}
 }

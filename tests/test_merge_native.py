@@ -19,6 +19,15 @@ built = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(autouse=True, params=["dispatch", "generic"])
+def variant(request, monkeypatch):
+    """Each test runs the kernel the library picks for this CPU (AVX2 here) and the generic
+    build (what a CPU without AVX2 runs)."""
+    if request.param == "generic":
+        monkeypatch.setenv(native.ENV_SWITCH, "generic")
+    return request.param
+
+
 def both(monkeypatch, base, tensors, weights, densities, normalize=True, lambda_=1.0):
     """(native, PyTorch) results of the same TIES call."""
     fused = native.ties(base, tensors, weights, densities, normalize=normalize, lambda_=lambda_)

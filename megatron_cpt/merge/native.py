@@ -7,8 +7,9 @@ PyTorch kernel in ``methods`` (tests/test_merge_native.py compares the two). Why
 plain C ABI: the build then needs only CMake and a C++ compiler, no torch or Python headers,
 and a machine without them still merges, with the PyTorch kernel.
 
-``MEGATRON_CPT_NATIVE=0`` forces the PyTorch kernel (tests, benchmarks);
-``MEGATRON_CPT_NATIVE_LIB`` points at a library built elsewhere.
+``MEGATRON_CPT_NATIVE=0`` forces the PyTorch kernel (tests, benchmarks), ``=generic`` the
+native kernel's portable build even where the CPU has AVX2 (the library carries both and picks
+at run time); ``MEGATRON_CPT_NATIVE_LIB`` points at a library built elsewhere.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 ENV_SWITCH = "MEGATRON_CPT_NATIVE"
 ENV_LIBRARY = "MEGATRON_CPT_NATIVE_LIB"
 LIBRARY = Path(__file__).with_name("libmcpt_merge.so")
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # PyTorch sums over the model axis sequentially for float32 only up to 4 rows; from 5 rows its
 # CPU reduction switches to several accumulators in a shape-dependent order, which a plain C
@@ -46,27 +47,31 @@ def _load() -> ctypes.CDLL | None:
         return None
     try:
         lib = ctypes.CDLL(str(path))
-        if lib.mcpt_abi_version() != _ABI_VERSION:
+        if lib.mcpt_abi_version() != _ABI_VERSION:  # stale build: `make native` again
             return None
-    except OSError:
+    except (OSError, AttributeError):
         return None
-    lib.mcpt_ties.restype = ctypes.c_int
-    lib.mcpt_ties.argtypes = [
-        ctypes.c_int,  # dtype
-        ctypes.c_void_p,  # base
-        ctypes.POINTER(ctypes.c_void_p),  # inputs
-        ctypes.c_int,  # models
-        ctypes.c_int64,  # n
-        ctypes.POINTER(ctypes.c_int64),  # ks
-        ctypes.POINTER(ctypes.c_float),  # weights
-        ctypes.c_int,  # normalize
-        ctypes.c_float,  # lambda
-        ctypes.c_int,  # apply_lambda
-        ctypes.c_void_p,  # out
-        ctypes.c_int,  # threads
-    ]
+    for entry in (lib.mcpt_ties, lib.mcpt_ties_generic):
+        entry.restype = ctypes.c_int
+        entry.argtypes = _ARGTYPES
     _library = lib
     return lib
+
+
+_ARGTYPES = [
+    ctypes.c_int,  # dtype
+    ctypes.c_void_p,  # base
+    ctypes.POINTER(ctypes.c_void_p),  # inputs
+    ctypes.c_int,  # models
+    ctypes.c_int64,  # n
+    ctypes.POINTER(ctypes.c_int64),  # ks
+    ctypes.POINTER(ctypes.c_float),  # weights
+    ctypes.c_int,  # normalize
+    ctypes.c_float,  # lambda
+    ctypes.c_int,  # apply_lambda
+    ctypes.c_void_p,  # out
+    ctypes.c_int,  # threads
+]
 
 
 def enabled() -> bool:
@@ -82,7 +87,8 @@ def describe() -> str:
     if lib is None:
         return f"TIES kernel: PyTorch (native library not built: {LIBRARY.name}; `make install`)"
     threads = "OpenMP" if lib.mcpt_openmp() else "one thread, no OpenMP"
-    return f"TIES kernel: native ({threads})"
+    generic = os.environ.get(ENV_SWITCH) == "generic" or not lib.mcpt_has_avx2()
+    return f"TIES kernel: native ({'generic' if generic else 'AVX2'}, {threads})"
 
 
 def trim_count(density: float, numel: int) -> int:
@@ -123,7 +129,8 @@ def ties(
     n = base.numel()
     ks = (ctypes.c_int64 * len(inputs))(*(trim_count(d, n) for d in densities))
     pointers = (ctypes.c_void_p * len(inputs))(*(t.data_ptr() for t in inputs))
-    status = _library.mcpt_ties(
+    entry = _library.mcpt_ties_generic if os.environ.get(ENV_SWITCH) == "generic" else None
+    status = (entry or _library.mcpt_ties)(
         _DTYPES[dtype],
         base_c.data_ptr(),
         pointers,

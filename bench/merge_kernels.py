@@ -4,10 +4,13 @@
 One 4096x4096 bf16 base and one fine-tune; the floor reads two such tensors from files (page
 cache) and writes one. TIES runs with the native kernel and the PyTorch kernel side by side (the
 two results are asserted equal), for one and for three fine-tunes (whose floor is two more
-reads: 5/3 of the one-fine-tune floor). Best of 3 (1 for the random and slow ones): ``python bench/merge_kernels.py``.
+reads: 5/3 of the one-fine-tune floor). Best of 3 (1 for the random and slow ones): ``python
+bench/merge_kernels.py``. ``--ties``: only the TIES rows (PyTorch kernel, native kernel, its
+generic non-AVX2 build) and the floor, timed in interleaved rounds (robust on a shared machine).
 """
 
 import os
+import sys
 import tempfile
 import time
 
@@ -92,6 +95,49 @@ def pytorch_kernel(f):
 
 cpt2 = (base.float() + torch.randn(n) * 0.003).bfloat16()
 three = dict(tensors=(cpt, cpt2, cpt), weights=(0.5, 0.3, 0.2), densities=(0.5, 0.3, 0.7))
+
+
+def generic_kernel(f):
+    """Run f with the native kernel's generic (non-AVX2) build (native.ENV_SWITCH=generic)."""
+
+    def run():
+        os.environ[native.ENV_SWITCH] = "generic"
+        try:
+            return f()
+        finally:
+            del os.environ[native.ENV_SWITCH]
+
+    return run
+
+
+if "--ties" in sys.argv:
+    # TIES only, interleaved: every round runs each variant once, so a load change on a shared
+    # machine hits all of them alike; the best round of each is kept.
+    rounds = 7
+    variants = {"read+write floor (1 fine-tune)": io}
+    for label, kwargs in (("1 fine-tune", {}), ("3 fine-tunes", three)):
+        variants[f"ties {label}, PyTorch kernel"] = pytorch_kernel(lambda kw=kwargs: ties(**kw))
+        if native.enabled():
+            variants[f"ties {label}, native"] = lambda kw=kwargs: ties(**kw)
+            variants[f"ties {label}, native generic"] = generic_kernel(lambda kw=kwargs: ties(**kw))
+            for run in (
+                variants[f"ties {label}, native"],
+                variants[f"ties {label}, native generic"],
+            ):
+                assert torch.equal(run(), pytorch_kernel(lambda kw=kwargs: ties(**kw))())
+    best = dict.fromkeys(variants, 1e9)
+    for _ in range(rounds):
+        for label, run in variants.items():
+            start = time.perf_counter()
+            run()
+            best[label] = min(best[label], time.perf_counter() - start)
+    floor = best["read+write floor (1 fine-tune)"]
+    print(f"one 4096x4096 bf16 tensor, {torch.get_num_threads()} threads, best of {rounds} "
+          f"interleaved rounds; {native.describe()}; 3 fine-tunes' floor = 5/3 of this floor")  # fmt: skip
+    for label, seconds in best.items():
+        print(f"{label:<44}{seconds * 1000:9.1f} ms {seconds / floor:7.2f}x floor")
+    sys.exit(0)
+
 rows["ties d=0.5 (PyTorch kernel)"] = t(pytorch_kernel(ties))
 if native.enabled():
     assert torch.equal(ties(), pytorch_kernel(ties)())

@@ -148,9 +148,25 @@ def test_sweep_config_errors(setup, tmp_path):
         ({"method": "task_arithmetic"}, "does not sparsify"),
         ({"densities": [0.0, 0.5]}, "within"),
         ({"constraints": ["general<=base"]}, "unknown metric general"),
+        # a set whose NAME_bpb would overwrite the mean of the other group's / several sets
+        ({"domain": {"general": ["x.jsonl"]}}, "general_bpb is the mean over the general sets"),
+        ({"domain": {"domain": ["x.jsonl"], "sec": ["y.jsonl"]}}, "domain_bpb is the mean"),
     ):
         with pytest.raises(UserError, match=expect):
             Sweep(sweep_config(setup, tmp_path / "x", **overrides))
+
+
+def test_set_named_like_its_axis_is_one_column(setup, tmp_path):
+    """The demo names its sets "domain" and "general": their NAME_bpb is the axis itself."""
+    sweep = Sweep(
+        sweep_config(
+            setup,
+            tmp_path / "x",
+            domain={"domain": [str(setup / "sec_eval.jsonl")]},
+            general={"general": [str(setup / "wiki_eval.jsonl")]},
+        )
+    )
+    assert sweep.metrics == ["domain_bpb", "general_bpb"]
 
 
 def test_cli_bad_constraint_is_one_line(setup, tmp_path):

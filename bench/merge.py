@@ -14,6 +14,8 @@ the Llama-3-SEC shape of the problem.
     python bench/merge.py --size tiny                                     # seconds, smoke run
     python bench/merge.py --trim 20000000        # TIES threshold: radix select vs sort, alone
     python bench/merge.py --size 200m --methods ties --floor   # + the read-once/write-once floor
+    python bench/merge.py --size 200m --methods ties --floor --pytorch-kernel
+        # + ours with the native TIES kernel switched off, compared with the native output
     MERGE_PROFILE=1 python bench/merge.py ...    # each child prints its cProfile top entries
     python bench/merge.py --size 1b --methods task_arithmetic --megatron
         # ours on Megatron checkpoints (converted from the same inputs) vs ours on HF: the
@@ -201,12 +203,13 @@ def _env() -> dict:
     return os.environ | {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}
 
 
-def measure(impl: str, config_path: Path, out: Path) -> tuple[float, float]:
+def measure(impl: str, config_path: Path, out: Path, env: dict | None = None):
     """(seconds, peak RSS GiB) of one merge in a fresh process."""
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, __file__, "--child", impl, str(config_path), str(out)], env=_env()
+        [sys.executable, __file__, "--child", impl, str(config_path), str(out)],
+        env=_env() | (env or {}),
     )
     _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
@@ -335,6 +338,11 @@ def main() -> None:
         action="store_true",
         help="also time the I/O floor: read the inputs and write one output, no arithmetic",
     )
+    parser.add_argument(
+        "--pytorch-kernel",
+        action="store_true",
+        help="for ties, also time ours with the native kernel switched off (MEGATRON_CPT_NATIVE=0)",
+    )
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     parser.add_argument("--make", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--compare", nargs=2, help=argparse.SUPPRESS)
@@ -398,6 +406,19 @@ def main() -> None:
             + f"  {same}",
             flush=True,
         )
+        if args.pytorch_kernel and method == "ties":
+            # the same merge with the native TIES kernel switched off (megatron_cpt/merge/native.py)
+            out = workdir / "out-ours-pytorch-kernel"
+            py_t, py_m = measure("ours", config_path, out, {"MEGATRON_CPT_NATIVE": "0"})
+            same = compare_in_child(out, workdir / f"out-ours-{method}")
+            shutil.rmtree(out, ignore_errors=True)
+            print(
+                f"{'  PyTorch kernel':<16}{py_t:>9.1f}{mk_t:>12.1f}{mk_t / py_t:>8.2f}x{py_m:>10.2f}"
+                f"{mk_m:>14.2f}{mk_m / py_m:>10.2f}x"
+                + (f"{py_t / floor_t:>10.2f}x" if args.floor else "")
+                + f"  vs native kernel: {same}",
+                flush=True,
+            )
         if not args.keep:
             for impl in ("ours", "mergekit"):
                 shutil.rmtree(workdir / f"out-{impl}-{method}", ignore_errors=True)

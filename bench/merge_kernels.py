@@ -2,15 +2,22 @@
 """Per-tensor cost of each merge kernel as a multiple of the I/O floor, same process.
 
 One 4096x4096 bf16 base and one fine-tune; the floor reads two such tensors from files (page
-cache) and writes one. Best of 3 (1 for the random and slow ones): ``python bench/merge_kernels.py``.
+cache) and writes one. TIES runs with the native kernel and the PyTorch kernel side by side (the
+two results are asserted equal), for one and for three fine-tunes (whose floor is two more
+reads: 5/3 of the one-fine-tune floor). Best of 3 (1 for the random and slow ones): ``python
+bench/merge_kernels.py``. ``--ties``: only the TIES rows (PyTorch kernel, native kernel, its
+generic non-AVX2 build) and the floor, timed in interleaved rounds (robust on a shared machine).
 """
 
+import os
+import sys
 import tempfile
 import time
 
 import torch
 
 from megatron_cpt.merge import methods as M
+from megatron_cpt.merge import native
 
 torch.manual_seed(0)
 n = (4096, 4096)
@@ -58,11 +65,87 @@ rows["task_arithmetic"] = t(
 )
 delta = cpt - base
 rows["  TIES trim alone (radix select)"] = t(lambda: M.magnitude_trim(delta, 0.5))
-rows["ties d=0.5"] = t(
-    lambda: M.task_arithmetic_family(
-        spec["ties"], base, [cpt], [1.0], [0.5], normalize=True, lambda_=1.0, rescale=False
+
+
+def ties(tensors=(cpt,), weights=(1.0,), densities=(0.5,)):
+    return M.task_arithmetic_family(
+        spec["ties"],
+        base,
+        list(tensors),
+        list(weights),
+        list(densities),
+        normalize=True,
+        lambda_=1.0,
+        rescale=False,
     )
-)
+
+
+def pytorch_kernel(f):
+    """Run f with the native kernel switched off (native.ENV_SWITCH)."""
+
+    def run():
+        os.environ[native.ENV_SWITCH] = "0"
+        try:
+            return f()
+        finally:
+            del os.environ[native.ENV_SWITCH]
+
+    return run
+
+
+cpt2 = (base.float() + torch.randn(n) * 0.003).bfloat16()
+three = dict(tensors=(cpt, cpt2, cpt), weights=(0.5, 0.3, 0.2), densities=(0.5, 0.3, 0.7))
+
+
+def generic_kernel(f):
+    """Run f with the native kernel's generic (non-AVX2) build (native.ENV_SWITCH=generic)."""
+
+    def run():
+        os.environ[native.ENV_SWITCH] = "generic"
+        try:
+            return f()
+        finally:
+            del os.environ[native.ENV_SWITCH]
+
+    return run
+
+
+if "--ties" in sys.argv:
+    # TIES only, interleaved: every round runs each variant once, so a load change on a shared
+    # machine hits all of them alike; the best round of each is kept.
+    rounds = 7
+    variants = {"read+write floor (1 fine-tune)": io}
+    for label, kwargs in (("1 fine-tune", {}), ("3 fine-tunes", three)):
+        variants[f"ties {label}, PyTorch kernel"] = pytorch_kernel(lambda kw=kwargs: ties(**kw))
+        if native.enabled():
+            variants[f"ties {label}, native"] = lambda kw=kwargs: ties(**kw)
+            variants[f"ties {label}, native generic"] = generic_kernel(lambda kw=kwargs: ties(**kw))
+            for run in (
+                variants[f"ties {label}, native"],
+                variants[f"ties {label}, native generic"],
+            ):
+                assert torch.equal(run(), pytorch_kernel(lambda kw=kwargs: ties(**kw))())
+    best = dict.fromkeys(variants, 1e9)
+    for _ in range(rounds):
+        for label, run in variants.items():
+            start = time.perf_counter()
+            run()
+            best[label] = min(best[label], time.perf_counter() - start)
+    floor = best["read+write floor (1 fine-tune)"]
+    print(f"one 4096x4096 bf16 tensor, {torch.get_num_threads()} threads, best of {rounds} "
+          f"interleaved rounds; {native.describe()}; 3 fine-tunes' floor = 5/3 of this floor")  # fmt: skip
+    for label, seconds in best.items():
+        print(f"{label:<44}{seconds * 1000:9.1f} ms {seconds / floor:7.2f}x floor")
+    sys.exit(0)
+
+rows["ties d=0.5 (PyTorch kernel)"] = t(pytorch_kernel(ties))
+if native.enabled():
+    assert torch.equal(ties(), pytorch_kernel(ties)())
+    rows["ties d=0.5 (native kernel)"] = t(ties)
+rows["ties 3 fine-tunes (PyTorch kernel)"] = t(pytorch_kernel(lambda: ties(**three)))
+if native.enabled():
+    assert torch.equal(ties(**three), pytorch_kernel(lambda: ties(**three))())
+    rows["ties 3 fine-tunes (native kernel)"] = t(lambda: ties(**three))
 rows["breadcrumbs_ties (torch.sort, as mergekit)"] = t(
     lambda: M.task_arithmetic_family(
         spec["breadcrumbs_ties"],
@@ -112,7 +195,8 @@ rows["slerp"] = t(lambda: M.slerp(0.5, base, cpt))
 rows["nearswap"] = t(lambda: M.nearswap(base, cpt, 1e-3))
 f = rows["read+write floor (2 x 32 MiB in, 32 MiB out, page cache)"]
 print(
-    f"one 4096x4096 bf16 tensor, {torch.get_num_threads()} threads, best of 3 (1 for random ones)"
+    f"one 4096x4096 bf16 tensor, {torch.get_num_threads()} threads, best of 3 (1 for random ones);"
+    f" {native.describe()}"
 )
 for k, v in rows.items():
     print(f"{k:<58}{v * 1000:9.1f} ms {v / f:7.1f}x floor")

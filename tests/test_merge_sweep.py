@@ -7,6 +7,7 @@ import itertools
 import json
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -147,9 +148,25 @@ def test_sweep_config_errors(setup, tmp_path):
         ({"method": "task_arithmetic"}, "does not sparsify"),
         ({"densities": [0.0, 0.5]}, "within"),
         ({"constraints": ["general<=base"]}, "unknown metric general"),
+        # a set whose NAME_bpb would overwrite the mean of the other group's / several sets
+        ({"domain": {"general": ["x.jsonl"]}}, "general_bpb is the mean over the general sets"),
+        ({"domain": {"domain": ["x.jsonl"], "sec": ["y.jsonl"]}}, "domain_bpb is the mean"),
     ):
         with pytest.raises(UserError, match=expect):
             Sweep(sweep_config(setup, tmp_path / "x", **overrides))
+
+
+def test_set_named_like_its_axis_is_one_column(setup, tmp_path):
+    """The demo names its sets "domain" and "general": their NAME_bpb is the axis itself."""
+    sweep = Sweep(
+        sweep_config(
+            setup,
+            tmp_path / "x",
+            domain={"domain": [str(setup / "sec_eval.jsonl")]},
+            general={"general": [str(setup / "wiki_eval.jsonl")]},
+        )
+    )
+    assert sweep.metrics == ["domain_bpb", "general_bpb"]
 
 
 def test_cli_bad_constraint_is_one_line(setup, tmp_path):
@@ -165,3 +182,58 @@ def test_cli_bad_constraint_is_one_line(setup, tmp_path):
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --constraint 'general_bpb=>base'")
+
+
+def test_megatron_space_sweep_equals_hf_space_and_reuses_its_cache(setup, tmp_path):
+    """The same sweep over Megatron checkpoints (imported from the HF base and CPT): every
+    candidate, exported, is the HF-space candidate bit for bit, scores the same, and a widened
+    grid evaluates only the new points."""
+    from safetensors.torch import load_file
+
+    from megatron_cpt.convert.exporter import ExportConfig, export_hf
+    from megatron_cpt.convert.importer import ImportConfig, import_hf
+
+    for name in ("base", "cpt"):
+        import_hf(ImportConfig(str(setup / name), str(tmp_path / f"mc-{name}")))
+    hf = Sweep(sweep_config(setup, tmp_path / "hf", keep_models=True)).run(log=lambda _: None)
+    megatron_cfg = sweep_config(
+        setup,
+        tmp_path / "mc",
+        base=tmp_path / "mc-base",
+        models=[tmp_path / "mc-cpt"],
+        tokenizer=str(setup / "base"),
+        keep_models=True,
+    )
+    sweep = Sweep(megatron_cfg)
+    assert sweep.megatron
+    mc = sweep.run(log=lambda _: None)
+    assert mc["evaluated"] == 6 and mc["cached"] == 0
+    hf_rows = {r["label"]: r for r in [*hf["references"], *hf["candidates"]]}
+    assert [r["label"] for r in mc["candidates"]] == [r["label"] for r in hf["candidates"]]
+    for row in [*mc["references"], *mc["candidates"]]:
+        for metric in METRICS:  # two forward implementations, fp32: equal to rounding
+            assert row["metrics"][metric] == pytest.approx(
+                hf_rows[row["label"]]["metrics"][metric], rel=1e-4
+            ), (row["label"], metric)
+    for row in mc["candidates"]:
+        exported = tmp_path / "export" / row["key"]
+        export_hf(
+            ExportConfig(str(tmp_path / "mc/candidates" / row["key"] / "model"), str(exported))
+        )
+        ours = load_file(str(exported / "model.safetensors"))
+        reference_dir = tmp_path / "hf/candidates" / hf_rows[row["label"]]["key"] / "model"
+        reference = {}
+        for file in sorted(reference_dir.glob("*.safetensors")):
+            reference |= load_file(str(file))
+        assert ours.keys() == reference.keys()
+        for name, tensor in reference.items():
+            assert torch.equal(ours[name], tensor), (row["label"], name)
+
+    widened = replace(megatron_cfg, weights=[0.5, 1.0, 0.25])
+    again = Sweep(widened).run(log=lambda _: None)
+    assert again["evaluated"] == 2 and again["cached"] == 6
+    old = {r["label"]: r["metrics"] for r in mc["candidates"]}
+    for r in again["candidates"]:
+        assert r["cached"] == (r["label"] in old)
+        if r["label"] in old:
+            assert r["metrics"] == old[r["label"]]

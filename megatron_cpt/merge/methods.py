@@ -27,6 +27,8 @@ from enum import StrEnum
 
 import torch
 
+from megatron_cpt.merge import native
+
 # SLERP works through the flattened tensor in chunks so its float32 scratch stays bounded
 # regardless of tensor size; the chunking also fixes the rounding of the norms (mergekit uses the
 # same chunk size, which is what makes SLERP outputs bit-identical to its).
@@ -291,6 +293,12 @@ def task_arithmetic_family(
     """
     if not tensors:
         return base
+    if spec.sparsify is Sparsify.MAGNITUDE and spec.sign_consensus and not rescale:
+        # TIES: the fused native kernel where it is built (bit-identical; native.py says when
+        # it does not apply), this function's PyTorch code otherwise.
+        fused = native.ties(base, tensors, weights, densities, normalize=normalize, lambda_=lambda_)
+        if fused is not None:
+            return fused
     gammas = gammas or [0.01] * len(tensors)
     epsilons = epsilons or [0.15] * len(tensors)
     deltas = base.new_empty((len(tensors), *base.shape))

@@ -185,7 +185,9 @@ class Sweep:
             "tokenizer": cfg.tokenizer,
         }
         self.inputs = {str(p): _fingerprint(p) for p in [cfg.base, *cfg.models]}
-        self.metrics = [a.name for a in AXES] + [f"{n}_bpb" for n in [*cfg.domain, *cfg.general]]
+        # a one-set group named like its axis ("domain" -> domain_bpb) is that axis: one column
+        names = [a.name for a in AXES] + [f"{n}_bpb" for n in [*cfg.domain, *cfg.general]]
+        self.metrics = list(dict.fromkeys(names))
         self.constraints = [parse_constraint(c, self.metrics) for c in cfg.constraints]
 
     def _validate(self) -> None:
@@ -198,6 +200,15 @@ class Sweep:
             raise UserError(
                 f"set {sorted(set(c.domain) & set(c.general))[0]} is both domain and general"
             )
+        axes = {a.name: a.group for a in AXES}
+        for group, sets in (("domain", c.domain), ("general", c.general)):
+            for name in sets:
+                axis = axes.get(f"{name}_bpb")
+                if axis is not None and not (axis == group and len(sets) == 1):
+                    raise UserError(
+                        f"--{group} {name}=...: {name}_bpb is the mean over the {axis} sets; "
+                        "give this set another name"
+                    )
         if not c.models:
             raise UserError("give the fine-tuned (CPT) checkpoint with --model")
         if c.method not in _SPARSIFYING and c.densities not in ([], [1.0]):

@@ -1,8 +1,10 @@
-"""A/B at equal training tokens: ETS-DACP 10% vs a random 10% of the domain corpus.
+"""A/B at equal training tokens: ETS-DACP vs a random selection of the same ~10% token budget.
 
 Question (FinPythia's claim, at the largest scale this CPU allows): does continuing pre-training
-on the task-similar 10% of a domain corpus lower perplexity on held-out *task-domain* text more
-than the same number of tokens from a random 10%?
+on the task-similar ~10% of a domain corpus lower perplexity on held-out *task-domain* text more
+than the same number of tokens from a random ~10%? (Default 11%: see ``token_budget``.)
+
+    python bench/dacp_experiment.py --work-dir /tmp/dacp --seeds 0 1 2 --out dacp.json
 
 Setup (all offline, CPU, every model step through the project's own tools):
 - domain corpus: ../shared/data/domain/*.jsonl (annual-report paragraphs + SEC agreement

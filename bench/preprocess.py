@@ -5,6 +5,10 @@ For each tokenizer, on the same corpus and the same worker count, it measures:
 - ceiling: the tokenizer library's own batch call on texts already in memory, with W threads
   (tiktoken ``encode_ordinary_batch(num_threads=W)``; HF ``tokenizers.encode_batch`` with
   ``RAYON_NUM_THREADS=W``): no JSON, no I/O, no packing;
+- encode_batch (HF only): ``tokenizers.Tokenizer.encode_batch``, the Rust batch encode with
+  character offsets, on the same in-memory texts and ``RAYON_NUM_THREADS=W``; the ceiling above
+  is its offset-free twin ``encode_batch_fast`` (what our workers call), so this column shows
+  what the offsets cost;
 - loop: a plain per-document loop of the bare tokenizer (tiktoken ``encode_ordinary``; HF
   ``Tokenizer.encode``) over texts already in memory, split over W forked processes (process
   start-up included). On short documents this beats the batch call (tiktoken's thread pool
@@ -92,6 +96,14 @@ def ceiling(tokenizer, texts: list[str], workers: int) -> int:
     return sum(map(len, ids))
 
 
+def rust_encode_batch(tokenizer, texts: list[str], workers: int) -> int | None:
+    """``tokenizers.Tokenizer.encode_batch`` (offsets included); None for non-HF tokenizers."""
+    if tokenizer.name != "HuggingFaceTokenizer":
+        return None
+    os.environ["TOKENIZERS_PARALLELISM"] = "true"
+    return sum(len(e.ids) for e in tokenizer.backend.encode_batch(texts, add_special_tokens=False))
+
+
 _LOOP: tuple | None = None  # (tokenizer, texts), set before forking so workers inherit it
 
 
@@ -174,7 +186,13 @@ def megatron_lm_style(tokenizer, corpus: Path, workers: int, out_dir: Path) -> i
     return tokens
 
 
-RUNS = {"ceiling": ceiling, "loop": bare_loop, "ours": ours, "mlm": megatron_lm_style}
+RUNS = {
+    "ceiling": ceiling,
+    "encode_batch": rust_encode_batch,
+    "loop": bare_loop,
+    "ours": ours,
+    "mlm": megatron_lm_style,
+}
 
 
 def main() -> None:
@@ -193,7 +211,7 @@ def main() -> None:
         "Llama3Tokenizer": assets.llama3_tokenizer_model,
         "HuggingFaceTokenizer": assets.smollm2_gguf,
     }
-    cols = ["ceiling", "loop", "ours"] + ([] if args.no_megatron_lm else ["mlm"])
+    cols = ["ceiling", "encode_batch", "loop", "ours"] + ([] if args.no_megatron_lm else ["mlm"])
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         corpus = tmp / "corpus.jsonl"
@@ -207,8 +225,9 @@ def main() -> None:
             "tok/s: tokens per wall second; tok/cpu-s: tokens per CPU second of this process and "
             "its workers (the fair figure when other jobs share the cores)"
         )
+        width = {c: max(14, len(c) + 8) for c in cols}  # "encode_batch tok/s" is wider
         header = f"{'tokenizer':<21}" + "".join(
-            f"{c + ' tok/s':>14}{c + ' tok/cpu-s':>18}" for c in cols
+            f"{c + ' tok/s':>{width[c]}}{c + ' tok/cpu-s':>{width[c] + 4}}" for c in cols
         )
         header += f"{'ratio':>7}{'ratio cpu':>10}{'vs best':>9}{'vs best cpu':>12}"
         if not args.no_megatron_lm:
@@ -220,17 +239,25 @@ def main() -> None:
             counts: dict[str, int] = {}
             for _ in range(args.repeats):
                 for key in cols:
-                    in_memory = key in ("ceiling", "loop")
+                    in_memory = key in ("ceiling", "encode_batch", "loop")
                     data = texts if in_memory else corpus
                     extra = () if in_memory else (tmp,)
                     n, wall, cpu = measured(RUNS[key], tokenizer, data, args.workers, *extra)
+                    if n is None:  # not applicable to this tokenizer
+                        continue
                     if counts.setdefault(key, n) != n:
                         raise SystemExit(f"{key}: token count changed between runs")
                     best[key] = [max(best[key][0], n / wall), max(best[key][1], n / cpu)]
-            if not counts["ours"] == counts["ceiling"] == counts["loop"]:
+            if (
+                len({counts[k] for k in ("ours", "ceiling", "loop", "encode_batch") if k in counts})
+                > 1
+            ):
                 raise SystemExit(f"{name}: token counts differ: {counts}")
             line = f"{name:<21}" + "".join(
-                f"{best[c][0]:>14,.0f}{best[c][1]:>18,.0f}" for c in cols
+                f"{best[c][0]:>{width[c]},.0f}{best[c][1]:>{width[c] + 4},.0f}"
+                if c in counts
+                else f"{'-':>{width[c]}}{'-':>{width[c] + 4}}"
+                for c in cols
             )
             line += f"{best['ours'][0] / best['ceiling'][0]:>7.2f}{best['ours'][1] / best['ceiling'][1]:>10.2f}"
             # against the strongest bare rate (batch call or plain loop, whichever is faster)

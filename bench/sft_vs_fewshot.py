@@ -63,11 +63,11 @@ def parse_args(argv=None):
     p.add_argument("--train-items", type=int, default=None, help="default: the whole split")
     p.add_argument("--test-items", type=int, default=None, help="default: the whole split")
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--seq-length", type=int, default=256)
-    p.add_argument("--micro-batch-size", type=int, default=4)
-    p.add_argument("--global-batch-size", type=int, default=8)
-    p.add_argument("--full-lr", type=float, default=5e-5)
-    p.add_argument("--lora-lr", type=float, default=5e-4)
+    p.add_argument("--seq-length", type=int, default=512, help="packed: ~5 conversations")
+    p.add_argument("--micro-batch-size", type=int, default=2)
+    p.add_argument("--global-batch-size", type=int, default=2)
+    p.add_argument("--full-lr", type=float, default=2e-5)
+    p.add_argument("--lora-lr", type=float, default=2e-4)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--lora-alpha", type=float, default=32)
     p.add_argument("--threads", type=int, default=1, help="torch / OMP threads everywhere")
@@ -235,14 +235,12 @@ def main(argv=None) -> int:
             out / "import.log", env,
         )  # fmt: skip
 
-    plan = {}
     for name in datasets:
         task = INSTRUCT_TASKS[name]
         train, test = splits(name, data_dir)
         demos = pick_demos(train, len(task.labels))
         train = train[: args.train_items] if args.train_items else train
         test = test[: args.test_items] if args.test_items else test
-        plan[name] = (task, train, test, demos)
         res = results["datasets"][name] = {
             "train_items": len(train),
             "test_items": len(test),
@@ -293,7 +291,7 @@ def main(argv=None) -> int:
                 "--micro-batch-size", str(args.micro_batch_size),
                 "--global-batch-size", str(args.global_batch_size),
                 "--train-iters", str(iters), "--lr", str(lr), "--min-lr", str(lr / 10),
-                "--lr-warmup-iters", str(max(1, iters // 10)), "--lr-decay-style", "cosine",
+                "--lr-warmup-iters", str(max(1, iters // 8)), "--lr-decay-style", "cosine",
                 "--weight-decay", "0.0", "--clip-grad", "1.0", "--seed", str(SEED),
                 "--log-interval", "1", "--eval-interval", str(iters + 1),
                 "--save", str(ckpt), "--run-dir", str(run_dir), *extra,
@@ -324,26 +322,23 @@ def main(argv=None) -> int:
             save()
             print(f"[{name}] {arm}: {json.dumps(measured)}", flush=True)
 
-    # ---- scoring: the base model (zero, five), then each fine-tune (zero)
-    if {"zero", "five"} & set(arms):
-        scorer = Scorer(gguf)
-        for name, (task, _, test, demos) in plan.items():
-            for arm, shots in (("zero", []), ("five", demos)):
-                if arm in arms:
-                    r = scorer.evaluate(task, test, shots, args.check_items, f"{name} {arm}")
-                    results["datasets"][name]["arms"][arm] = r
-                    save()
-                    print(f"[{name}] {arm}: {json.dumps(r)}", flush=True)
+        # ---- scoring (per dataset, so a finished dataset is complete even if a later one
+        # is not): the base model zero- and 5-shot, then each fine-tune zero-shot
+        scored = [(arm, gguf, shots) for arm, shots in (("zero", []), ("five", demos))]
+        scored += [(arm, str(work / f"{arm}_hf"), []) for arm in ("full", "lora")]
+        scorer, loaded = None, None
+        for arm, model, shots in scored:
+            if arm not in arms:
+                continue
+            if loaded != model:
+                scorer, loaded = Scorer(model), model
+            check = args.check_items if arm in ("zero", "five") else 0
+            r = scorer.evaluate(task, test, shots, check, f"{name} {arm}")
+            res["arms"][arm] = r
+            save()
+            print(f"[{name}] {arm}: {json.dumps(r)}", flush=True)
         del scorer
-    for name, (task, _, test, _) in plan.items():
-        for arm in ("full", "lora"):
-            if arm in arms:
-                scorer = Scorer(str(out / name / f"{arm}_hf"))
-                r = scorer.evaluate(task, test, [], 0, f"{name} {arm}")
-                results["datasets"][name]["arms"][arm] = r
-                save()
-                print(f"[{name}] {arm}: {json.dumps(r)}", flush=True)
-                del scorer
+
     print(table(results))
     return 0
 

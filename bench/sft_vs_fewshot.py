@@ -72,6 +72,12 @@ def parse_args(argv=None):
     p.add_argument("--lora-alpha", type=float, default=32)
     p.add_argument("--threads", type=int, default=1, help="torch / OMP threads everywhere")
     p.add_argument("--check-items", type=int, default=2, help="cached == uncached on these")
+    p.add_argument(
+        "--reuse-trained",
+        action="store_true",
+        help="score an arm's existing OUT/DATASET/ARM_hf export instead of training again "
+        "(its training numbers stay in the run that trained it)",
+    )
     return p.parse_args(argv)
 
 
@@ -275,7 +281,7 @@ def main(argv=None) -> int:
             iters = max(1, math.ceil(summary["samples"] * args.epochs / args.global_batch_size))
             res["train_iters"] = iters
         for arm in ("full", "lora"):
-            if arm not in arms:
+            if arm not in arms or (args.reuse_trained and (work / f"{arm}_hf").is_dir()):
                 continue
             lr = args.full_lr if arm == "full" else args.lora_lr
             extra = []

@@ -384,7 +384,7 @@ class Pipeline:
                 "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", base_hf,
                 "--seq-length", c.sft_seq_length, "--micro-batch-size", c.sft_micro_batch_size,
                 "--global-batch-size", c.sft_global_batch_size, "--train-iters", iters,
-                "--lr", c.sft_lr, "--min-lr", c.sft_lr / 10, "--lr-warmup-iters", 1,
+                "--lr", c.sft_lr, "--min-lr", c.sft_lr / 10, "--lr-warmup-iters", min(1, iters - 1),
                 "--lr-decay-style", "cosine", "--weight-decay", 0.0, "--clip-grad", 1.0,
                 "--log-interval", 1, "--eval-interval", iters + 1, "--save-interval", iters,
                 "--keep-last", 1, "--seed", 1234,

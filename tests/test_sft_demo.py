@@ -61,7 +61,8 @@ def test_demo_sft_stage_shortened(tmp_path, shared_data, smollm2_gguf):
     assert set(summary["heldout"]) == {"base", "cpt", "merged", "sft"}
     assert "fpb_acc_ll" in summary["axes"]["sft"]
     assert "sft" in summary["stage_seconds"] and "evaluate_sft" in summary["stage_seconds"]
-    assert "sft" in (work / "report" / "report.md").read_text()
+    report = (work / "report" / "report.md").read_text()
+    assert "| sft |" in report and "Δ sft vs base" in report  # a model row and column
     metrics = [json.loads(x) for x in (work / "sft" / "metrics.jsonl").read_text().splitlines()]
     train = [m for m in metrics if m["kind"] == "train"]
     assert train and all(m["lm_loss"] < 5 for m in train)  # answer tokens of an instruct model

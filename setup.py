@@ -46,7 +46,7 @@ EXTRAS = {
     "eval": ["lm-eval>=0.4", "matplotlib", "scikit-learn"],
     "gpu": ["transformer-engine[pytorch]"],
     "wandb": ["wandb"],
-    "test": ["pytest>=8", "pytest-timeout", "ruff", "mergekit"],
+    "test": ["pytest>=8", "pytest-timeout", "ruff", "mergekit", "peft"],
 }
 EXTRAS["all"] = sorted({d for k, v in EXTRAS.items() if k != "gpu" for d in v})
 

@@ -4,7 +4,8 @@
 Converts the shipped SmolLM2-135M-Instruct, preprocesses real domain (financial) and general
 text, continues pre-training on a 95/5 blend with per-dataset validation, exports to HF, merges
 the result back onto the instruct model with TIES, evaluates base / CPT / merged on held-out
-text and writes a report. Re-running skips stages whose outputs check out.
+text and writes a report. Re-running skips stages whose outputs check out. ``--sft`` adds
+CPT -> SFT -> evaluate as a fourth model.
 
     python examples/quickstart.py                        # CPU defaults (README has the timing)
     python examples/quickstart.py --steps 200 --device cuda
@@ -60,6 +61,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tatqa-shots", type=int, default=d.tatqa_shots)
     p.add_argument("--merge-sweep", action="store_true",
                    help="also sweep TIES density x weight (tools/merge_sweep.py; 8 extra evaluations)")  # fmt: skip
+    p.add_argument(
+        "--sft",
+        action="store_true",
+        help="also CPT -> SFT -> evaluate (off by default): fine-tune the CPT checkpoint on\n"
+        "FiQA-SA train / FPB non-evaluation items in the chat-instruction format, export it\n"
+        "and evaluate it as a 4th model, 'sft'. The CPT checkpoint (not the merged model) is\n"
+        "tuned: SFT is what gives the domain-adapted weights their instruction following\n"
+        "back, and it is already a megatron-core checkpoint (the merge is an HF export)",
+    )
+    p.add_argument("--sft-items", type=int, default=d.sft_items, help="SFT conversations")
+    p.add_argument("--sft-lr", type=float, default=d.sft_lr)
+    p.add_argument("--sft-epochs", type=int, default=d.sft_epochs)
     args = p.parse_args(argv)
     cfg = dataclasses.replace(d, **vars(args))
     start = time.perf_counter()

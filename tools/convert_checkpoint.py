@@ -2,7 +2,7 @@
 """Convert Llama, Mistral, Qwen2/2.5 and Qwen3 checkpoints between HF (safetensors dir or GGUF) and megatron-core.
 
   hf-to-mcore --hf PATH --out DIR --tensor-model-parallel-size N --pipeline-model-parallel-size M
-  mcore-to-hf --load DIR --out HF_DIR [--tokenizer-from PATH]
+  mcore-to-hf --load DIR --out HF_DIR [--tokenizer-from PATH] [--lora-adapter-only]
 
 A megatron checkpoint loads at any TP/PP (dist_checkpointing re-shards on load), so one process
 converts for any target layout; see docs/conversion.md.
@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", choices=["float32", "bfloat16", "float16"], help="default: as stored"
     )
     exp.add_argument("--max-shard-size-gb", type=float, default=2.0)
+    exp.add_argument(
+        "--lora-adapter-only",
+        action="store_true",
+        help="a LoRA run: write only its adapters as a PEFT adapter directory "
+        "(adapter_config.json + adapter_model.safetensors) instead of the merged model",
+    )
     exp.add_argument("--overwrite", action="store_true")
     return parser
 
@@ -77,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
                 overwrite=args.overwrite,
             )
         )
+    elif args.lora_adapter_only:
+        from megatron_cpt.convert.peft_adapter import AdapterExportConfig, export_peft_adapter
+
+        out = export_peft_adapter(AdapterExportConfig(args.load, args.out, args.overwrite))
     else:
         from megatron_cpt.convert.exporter import ExportConfig, export_hf
 

@@ -155,13 +155,16 @@ def label_choice(
     forms: list[list[list[int]]],
     batch_size: int = 8,
     desc: str | None = None,
+    table_fn=None,
 ) -> tuple[list[int], list]:
     """Most probable label per prompt, each label's probability summed over its surface forms
     (``forms[label]`` = token ids of each form + end of turn); also the ``[item][label]``
-    score of each label's first form (the reference spelling, for the chat NLL)."""
+    score of each label's first form (the reference spelling, for the chat NLL).
+    ``table_fn`` computes the ``[item][answer]`` scores (default :func:`label_logprobs`; an
+    equal, prompt-cached one for HF models is in ``evaluation.prefix_scoring``)."""
     flat = [f for label in forms for f in label]
     owner = [k for k, label in enumerate(forms) for _ in label]
-    table = label_logprobs(backend, prompts, flat, batch_size, desc=desc)
+    table = (table_fn or label_logprobs)(backend, prompts, flat, batch_size, desc=desc)
     first = [owner.index(k) for k in range(len(forms))]
     preds, reference = [], []
     for row in table:

@@ -11,6 +11,9 @@ demo exercises the shipped tools rather than private shortcuts):
   cpt_hf     the CPT checkpoint → HF (``mcore-to-hf``)
   merge      TIES of CPT back onto the base (``merge_models.py``, mergekit YAML)
   evaluate   base / CPT / merged on held-out domain and general text (``evaluate.py``)
+  sft_*      only with ``--sft``: FiQA-SA/FPB instruction conversations (``pipeline.sft_set``,
+             ``preprocess_sft.py``), SFT of the CPT checkpoint (``pretrain.py --sft``), export,
+             and its evaluation on the same axes as one more model, "sft"
   report     Markdown + plots (``report.py``)
 
 A stage is skipped on re-run only when its outputs pass a check (shards readable by
@@ -67,6 +70,14 @@ class QuickstartConfig:
     tatqa_questions: int = 12  # TAT-QA questions, fixed seed; 0 = skip
     tatqa_shots: int = 1
     workers: int = 2
+    # optional CPT -> SFT -> evaluate stage (issue 17): full fine-tune of the CPT checkpoint
+    sft: bool = False
+    sft_items: int = 160  # FiQA-SA train + FPB non-evaluation items, alternating
+    sft_seq_length: int = 512  # packed: ~5 conversations per sample
+    sft_micro_batch_size: int = 2
+    sft_global_batch_size: int = 4
+    sft_epochs: int = 1
+    sft_lr: float = 5e-5
 
     def params(self) -> dict:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
@@ -269,20 +280,27 @@ class Pipeline:
             axes += ["--instruct", "fpb,fiqasa,headlines", "--instruct-limit", c.instruct_items]
         if c.tatqa_questions > 0:
             axes += ["--tatqa", "--tatqa-limit", c.tatqa_questions, "--tatqa-shots", c.tatqa_shots]
-        for label, model in evals.items():
+
+        def evaluate(label: str, model: Path) -> None:
             out = results / f"{label}.json"
             self.stage(
                 f"evaluate_{label}",
                 {"docs": c.eval_docs, "chars": c.eval_chars, "seq": c.eval_seq_length,
                  "instruct": c.instruct_items, "tatqa": c.tatqa_questions,
                  "tatqa_shots": c.tatqa_shots},  # fmt: skip
-                lambda out=out: self._check_eval(out, c.instruct_items > 0, c.tatqa_questions > 0),
-                lambda model=model, out=out, label=label: self.tool(
+                lambda: self._check_eval(out, c.instruct_items > 0, c.tatqa_questions > 0),
+                lambda: self.tool(
                     "evaluate.py", "--hf", model, "--data", f"domain={eval_sets['domain']}",
                     "--data", f"general={eval_sets['general']}",
                     "--seq-length", c.eval_seq_length, "--batch-size", 4, *axes,
                     "--output", out, log=f"evaluate_{label}"),
             )  # fmt: skip
+
+        for label, model in evals.items():
+            evaluate(label, model)
+        if c.sft:  # after the three evaluations, so turning it on re-runs none of them
+            evals["sft"] = self._sft(cpt / "checkpoints", base_hf, shards)
+            evaluate("sft", evals["sft"])
 
         if c.merge_sweep:  # issue 19: pick density x weight against domain gain / general loss
             sweep = self.path("merge_sweep")
@@ -330,6 +348,62 @@ class Pipeline:
         if c.device == "cuda":
             args.append("--bf16")
         self.tool("pretrain.py", *args, log="cpt")
+
+    def _sft(self, cpt_ckpt: Path, base_hf: Path, shards: Path) -> Path:
+        """CPT -> SFT: build the conversation set, fine-tune the CPT checkpoint, export.
+
+        The CPT checkpoint (not the merged model) is fine-tuned: SFT is the step that gives
+        the domain-adapted weights their instruction following back (Llama-3-SEC's next
+        step), and it is already a megatron-core checkpoint for ``pretrain.py``; the merged
+        model is an HF directory that would need another conversion first."""
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        from megatron_cpt.pipeline.sft_set import write_sft_set
+
+        c = self.cfg
+        jsonl, prefix = self.path("data", "sft_train.jsonl"), shards / "sft"
+        sft, sft_hf = self.path("sft"), self.path("sft_hf")
+
+        def build():
+            counts = write_sft_set(jsonl, c.sft_items, c.instruct_items)
+            print(f"  SFT conversations per source: {counts}", flush=True)
+            self.tool("preprocess_sft.py", "--input", jsonl, "--output-prefix", prefix,
+                      "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", base_hf,
+                      "--seq-length", c.sft_seq_length, log="sft_data")  # fmt: skip
+
+        self.stage("sft_data", {"items": c.sft_items, "eval_items": c.instruct_items,
+                                "seq": c.sft_seq_length},
+                   lambda: self.check_shard(Path(f"{prefix}_tokens")), build)  # fmt: skip
+
+        def train():
+            samples = len(IndexedDataset(f"{prefix}_tokens").document_indices) - 1
+            iters = max(1, -(-samples * c.sft_epochs // c.sft_global_batch_size))
+            args = [
+                "--pretrained-checkpoint", cpt_ckpt, "--sft", "--save", sft / "checkpoints",
+                "--run-dir", sft, "--data-path", f"{prefix}_tokens",
+                "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", base_hf,
+                "--seq-length", c.sft_seq_length, "--micro-batch-size", c.sft_micro_batch_size,
+                "--global-batch-size", c.sft_global_batch_size, "--train-iters", iters,
+                "--lr", c.sft_lr, "--min-lr", c.sft_lr / 10, "--lr-warmup-iters", min(1, iters - 1),
+                "--lr-decay-style", "cosine", "--weight-decay", 0.0, "--clip-grad", 1.0,
+                "--log-interval", 1, "--eval-interval", iters + 1, "--save-interval", iters,
+                "--keep-last", 1, "--seed", 1234,
+            ]  # fmt: skip
+            if c.device == "cuda":
+                args.append("--bf16")
+            self.tool("pretrain.py", *args, log="sft")
+
+        sft_keys = ("sft_micro_batch_size", "sft_global_batch_size", "sft_epochs", "sft_lr",
+                    "device")  # fmt: skip
+        self.stage("sft", {k: c.params()[k] for k in sft_keys},
+                   lambda: self.check_checkpoint(sft / "checkpoints"), train)  # fmt: skip
+        self.stage(
+            "sft_hf", {}, lambda: self.check_hf(sft_hf),
+            lambda: self.tool("convert_checkpoint.py", "mcore-to-hf", "--load",
+                              sft / "checkpoints", "--out", sft_hf, "--tokenizer-from", base_hf,
+                              "--overwrite", log="sft_hf"),
+        )  # fmt: skip
+        return sft_hf
 
     def _merge(self, base_hf: Path, cpt_hf: Path, merged_hf: Path) -> None:
         import yaml

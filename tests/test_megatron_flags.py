@@ -346,6 +346,7 @@ def sec_shard(tmp_path_factory, shared_data, smollm2_gguf):
     return str(out / "sec_text_document"), str(smollm2_gguf)
 
 
+@pytest.mark.slow
 def test_flags_only_run_trains_on_real_data(sec_shard, tmp_path):
     """Issue 14's first command, Megatron-LM-style: no --model, real shards and tokenizer;
     vocabulary from the tokenizer; then the checkpoint refuses HF export in one line."""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from test_sft_training import fiqa_sft, sft_run, straight  # noqa: F401 (fixtures)
 
@@ -18,6 +19,7 @@ CONVERT = str(REPO / "tools" / "convert_checkpoint.py")
 PEFT_NAMES = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 
+@pytest.mark.slow
 def test_peft_adapter_loads_and_equals_the_merged_export(fiqa_sft, straight, tmp_path):  # noqa: F811
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -164,7 +164,15 @@ def test_interrupted_run_leaves_no_valid_looking_pair(
     cmd = [sys.executable, str(TOOL), "--input", str(src), "--output-prefix", str(out / "big")]
     cmd += ["--tokenizer-type", "Llama3Tokenizer", "--tokenizer-model", str(llama3_tokenizer_model)]
     cmd += ["--workers", "2", "--log-interval", "100", "--chunk-bytes", "20000"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell's background job (`pytest ... &`) inherits SIGINT ignored, and so would the tool,
+    # which then runs to completion: give the child the default disposition, as a terminal has.
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         first = proc.stderr.readline()  # the first progress line: shards are being written
         assert first.startswith("processed"), first

@@ -319,6 +319,17 @@ def megatron_rows(args, workdir: Path, base: Path, cpt: Path) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
+def print_row(label, seconds, gib, mk_seconds, mk_gib, floor_seconds, note) -> None:
+    """One table row: ours against mergekit (and against the floor when it was measured)."""
+    print(
+        f"{label:<16}{seconds:>9.1f}{mk_seconds:>12.1f}{mk_seconds / seconds:>8.2f}x{gib:>10.2f}"
+        f"{mk_gib:>14.2f}{mk_gib / gib:>10.2f}x"
+        + (f"{seconds / floor_seconds:>10.2f}x" if floor_seconds is not None else "")
+        + f"  {note}",
+        flush=True,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=sorted(SIZES), default="tiny")
@@ -399,25 +410,16 @@ def main() -> None:
             same = compare_in_child(
                 workdir / f"out-ours-{method}", workdir / f"out-mergekit-{method}"
             )
-        print(
-            f"{method:<16}{ours_t:>9.1f}{mk_t:>12.1f}{mk_t / ours_t:>8.2f}x{ours_m:>10.2f}"
-            f"{mk_m:>14.2f}{mk_m / ours_m:>10.2f}x"
-            + (f"{ours_t / floor_t:>10.2f}x" if args.floor else "")
-            + f"  {same}",
-            flush=True,
-        )
+        floor = floor_t if args.floor else None
+        print_row(method, ours_t, ours_m, mk_t, mk_m, floor, same)
         if args.pytorch_kernel and method == "ties":
             # the same merge with the native TIES kernel switched off (megatron_cpt/merge/native.py)
             out = workdir / "out-ours-pytorch-kernel"
             py_t, py_m = measure("ours", config_path, out, {"MEGATRON_CPT_NATIVE": "0"})
             same = compare_in_child(out, workdir / f"out-ours-{method}")
             shutil.rmtree(out, ignore_errors=True)
-            print(
-                f"{'  PyTorch kernel':<16}{py_t:>9.1f}{mk_t:>12.1f}{mk_t / py_t:>8.2f}x{py_m:>10.2f}"
-                f"{mk_m:>14.2f}{mk_m / py_m:>10.2f}x"
-                + (f"{py_t / floor_t:>10.2f}x" if args.floor else "")
-                + f"  vs native kernel: {same}",
-                flush=True,
+            print_row(
+                "  PyTorch kernel", py_t, py_m, mk_t, mk_m, floor, f"vs native kernel: {same}"
             )
         if not args.keep:
             for impl in ("ours", "mergekit"):

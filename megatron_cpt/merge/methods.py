@@ -142,6 +142,16 @@ def kth_largest_magnitude(magnitudes: torch.Tensor, k: int) -> torch.Tensor:
     return torch.tensor(key, dtype=torch.int32).view(torch.float32)
 
 
+def trim_count(density: float, numel: int) -> int:
+    """The TIES trim's k: ``max(1, int(density * numel))`` kept entries; -1 keeps all, 0 none.
+    One rule for the PyTorch kernel below and the native kernel (``native.ties``)."""
+    if density >= 1:
+        return -1
+    if density <= 0 or numel == 0:
+        return 0
+    return max(1, int(density * numel))
+
+
 def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     """TIES trim: keep the ``max(1, int(density * n))`` largest-magnitude entries, zero the rest.
 
@@ -149,12 +159,11 @@ def magnitude_trim(delta: torch.Tensor, density: float) -> torch.Tensor:
     win, so the result is deterministic and independent of how the tensor is sharded. Working
     memory is the integer keys (2 or 4 bytes per element) and a bool mask.
     """
-    if density >= 1:
+    k = trim_count(density, delta.numel())
+    if k < 0:
         return delta
-    numel = delta.numel()
-    if density <= 0 or numel == 0:
+    if k == 0:
         return torch.zeros_like(delta)
-    k = max(1, int(density * numel))
     keys = magnitude_keys(delta)
     threshold = kth_largest_key(keys, k)
     keep = keys > threshold

@@ -91,15 +91,6 @@ def describe() -> str:
     return f"TIES kernel: native ({'generic' if generic else 'AVX2'}, {threads})"
 
 
-def trim_count(density: float, numel: int) -> int:
-    """The TIES trim's k as ``methods.magnitude_trim`` computes it: -1 keeps all, 0 none."""
-    if density >= 1:
-        return -1
-    if density <= 0 or numel == 0:
-        return 0
-    return max(1, int(density * numel))
-
-
 def ties(
     base: torch.Tensor,
     tensors: Sequence[torch.Tensor],
@@ -127,6 +118,8 @@ def ties(
     # The weights exactly as the PyTorch kernel rounds them (a tensor of the compute dtype).
     rounded = torch.tensor(list(weights), dtype=dtype).float().tolist()
     n = base.numel()
+    from megatron_cpt.merge.methods import trim_count  # methods imports this module
+
     ks = (ctypes.c_int64 * len(inputs))(*(trim_count(d, n) for d in densities))
     pointers = (ctypes.c_void_p * len(inputs))(*(t.data_ptr() for t in inputs))
     entry = _library.mcpt_ties_generic if os.environ.get(ENV_SWITCH) == "generic" else None

@@ -32,22 +32,42 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 
-def synthetic(n: int, seed: int = 0, words: int = 200):
-    """Random ``words``-word documents; every 10th re-uses an earlier one with one word changed
-    (generated from the seed, so nothing is held)."""
+def _mix(x):
+    """splitmix64 finaliser, elementwise on a uint64 array: a counter-based hash, so any
+    document's words can be regenerated from (seed, document, position) without state."""
     import numpy as np
 
-    rng = np.random.default_rng(seed)
-    vocab = np.array([f"w{k}" for k in range(20000)])
-    for i in range(n):
-        if i % 10 == 9:
-            src = np.random.default_rng((seed, int(rng.integers(0, i)) // 10 * 10)).choice(
-                vocab, size=words
-            )
-            src[-1] = "changed"
-            yield " ".join(src)
-        else:
-            yield " ".join(np.random.default_rng((seed, i)).choice(vocab, size=words))
+    with np.errstate(over="ignore"):
+        x = (x + np.uint64(0x9E3779B97F4A7C15)) & np.uint64(0xFFFFFFFFFFFFFFFF)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def synthetic(n: int, seed: int = 0, words: int = 200, block: int = 1000):
+    """Random ``words``-word documents over a 20,000-word vocabulary; every 10th re-uses an
+    earlier one with its last word changed. Generated a block at a time from a counter-based
+    hash (nothing held, cheap next to MinHash: the bench measures the dedup, not this)."""
+    import numpy as np
+
+    vocab = [f"w{k}" for k in range(20000)]
+    pos = np.arange(words, dtype=np.uint64)
+    salt = np.uint64(seed) * np.uint64(0x2545F4914F6CDD1D)
+
+    def ids(docs):  # (len(docs), words) word ids
+        x = (docs.astype(np.uint64)[:, None] * np.uint64(words) + pos) ^ salt
+        return (_mix(x) % np.uint64(len(vocab))).astype(np.int64)
+
+    for lo in range(0, n, block):
+        docs = np.arange(lo, min(n, lo + block), dtype=np.int64)
+        copy = docs % 10 == 9
+        pick = _mix(docs.astype(np.uint64) ^ ~salt) % np.maximum(docs, 1).astype(np.uint64)
+        src = np.where(copy, pick.astype(np.int64) // 10 * 10, docs)  # an original, never a copy
+        for i, row in zip(docs.tolist(), ids(src).tolist()):
+            text = [vocab[w] for w in row]
+            if i % 10 == 9:
+                text[-1] = "changed"
+            yield " ".join(text)
 
 
 def _child(args) -> None:

@@ -6,10 +6,11 @@ computes *the same result* (same signatures, same LSH bands, same Jaccard confir
 "first occurrence is kept" rule) in stages that each hold one chunk at a time and communicate
 through files in a work directory, like datatrove's MinHash pipeline:
 
-1. **signatures** (parallel, per chunk of documents): datasketch MinHash of the word shingles,
-   written as ``sig-<chunk>.npy`` (``docs x num_perm`` uint64), plus one row per (document,
-   band) -- a 64-bit hash of the band's hash values and of the whole signature -- appended to
-   the bucket file of the partition ``band_key % partitions``.
+1. **signatures** (parallel, per slice of ~1,000 documents; filed per chunk): datasketch
+   MinHash of the word shingles, written as ``sig-<chunk>.npy`` (``docs x num_perm`` uint64),
+   plus one row per (document, band) -- a 64-bit hash of the band's hash values and of the
+   whole signature -- split by :func:`partition_stage` into the bucket file of the partition
+   ``band_key % partitions``.
 2. **buckets -> candidate pairs** (parallel, per partition): sort the partition's rows by
    (band, key, document); within a bucket, each document is paired with every earlier *first
    member of a distinct signature* in that bucket (documents with identical signatures after
@@ -25,16 +26,17 @@ through files in a work directory, like datatrove's MinHash pipeline:
 
 Every stage function takes its own share (chunk or partition indices), so stages can run in
 separate processes or on separate nodes over a shared work directory; :func:`run_staged_dedup`
-runs them with a local process pool. Band-key hashes are 64-bit, so a false bucket collision is
+runs them with a local process pool, which signs slices smaller than a chunk so that every
+worker stays busy to the end of the stage. Band-key hashes are 64-bit, so a false bucket collision is
 possible with probability ~2^-64 per pair, and would still have to pass the Jaccard check.
 """
 
 from __future__ import annotations
 
-import hashlib
+import functools
 import os
 from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,12 +84,39 @@ class StageStats:
 
 def lsh_bands(config: DedupConfig) -> tuple[int, int]:
     """(bands, rows per band): datasketch's choice for the threshold, as the in-memory index."""
-    lsh = MinHashLSH(threshold=config.threshold, num_perm=config.num_perm)
+    return _lsh_bands(config.threshold, config.num_perm)
+
+
+@functools.cache
+def _lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    # MinHashLSH integrates the false-positive/negative curves to choose (b, r): ~25 ms, and
+    # every signing task asks.
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
     return lsh.b, lsh.r
 
 
-def _h64(data: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser, elementwise (a bijection on 64 bits; uint64 arrays wrap)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _fold_hash(values: np.ndarray, salt: np.ndarray | int = 0) -> np.ndarray:
+    """A 64-bit hash of each row of ``values[..., k]`` (uint64), folded over the last axis:
+    ``h = mix(h ^ v)``, vectorised over every leading axis at once. Band keys and whole-
+    signature keys of a whole slice of documents cost a few dozen numpy calls, not one
+    Python-level digest per (document, band)."""
+    h = np.broadcast_to(np.asarray(salt, np.uint64), values.shape[:-1]).copy()
+    h = _mix64(h + np.uint64(0x9E3779B97F4A7C15))
+    for k in range(values.shape[-1]):
+        h = _mix64(h ^ values[..., k])
+    return h
 
 
 class _Signer:
@@ -122,28 +151,48 @@ def _file(work, name: str) -> str:
     return os.path.join(str(work), name)
 
 
-def signature_stage(
-    work_dir: str, chunk: int, first_doc: int, texts: list[str], config: DedupConfig
-) -> int:
-    """Stage 1 for one chunk: signatures + band rows (one bucket file per band here; the
-    partitioning by key happens in :func:`partition_stage` once the corpus size is known)."""
-    work = Path(work_dir)
+def sign_texts(first_doc: int, texts: list[str], config: DedupConfig):
+    """Stage 1 for one slice of consecutive documents: ``(signatures, band rows)``.
+
+    ``signatures`` is ``len(texts) x num_perm`` uint64 (zero rows for documents without words,
+    which are never candidates, as in the in-memory filter); ``band rows`` has one
+    :data:`BUCKET_ROW` per (document with words, band), documents numbered from ``first_doc``.
+    Pure: the caller files the result under its chunk (:func:`write_chunk`), so a pool can sign
+    slices much smaller than a chunk and keep every worker busy to the end.
+    """
     signer = _Signer(config)
     bands, rows = lsh_bands(config)
     sigs = np.zeros((len(texts), config.num_perm), dtype=np.uint64)
-    out = []
+    present = np.zeros(len(texts), dtype=bool)
     for k, text in enumerate(texts):
         hv = signer(text)
-        if hv is None:  # never a candidate, as in the in-memory filter
-            continue
-        sigs[k] = hv
-        whole = _h64(hv.tobytes())
-        for b in range(bands):
-            key = _h64(np.ascontiguousarray(hv[b * rows : (b + 1) * rows]).tobytes())
-            out.append((b, key, first_doc + k, whole))
-    _save(_chunk_name(work, "sig", chunk), sigs)  # documents without words: zero rows, no bands
-    _save_rows(_chunk_name(work, "bands", chunk, "bin"), np.array(out, dtype=BUCKET_ROW))
-    return len(texts)
+        if hv is not None:
+            sigs[k], present[k] = hv, True
+    docs = np.flatnonzero(present)
+    signed = sigs[docs]
+    keys = _fold_hash(
+        signed[:, : bands * rows].reshape(len(docs), bands, rows), np.arange(bands, dtype=np.uint64)
+    )
+    out = np.empty((len(docs), bands), dtype=BUCKET_ROW)
+    out["band"] = np.arange(bands, dtype=np.uint16)
+    out["key"] = keys
+    out["doc"] = (first_doc + docs)[:, None]
+    out["sig"] = _fold_hash(signed, np.uint64(bands))[:, None]
+    return sigs, out.reshape(-1)
+
+
+def write_chunk(work_dir: str, chunk: int, parts: list[tuple[np.ndarray, np.ndarray]]) -> int:
+    """File one chunk's signed slices (in document order): ``sig-<chunk>.npy`` and its band
+    rows (one bucket file per chunk here; :func:`partition_stage` splits it by key once the
+    corpus size is known). Returns the chunk's document count."""
+    sigs = [p[0] for p in parts]
+    rows = [p[1] for p in parts]
+    _save(_chunk_name(work_dir, "sig", chunk), np.concatenate(sigs) if sigs else np.zeros((0, 0)))
+    _save_rows(
+        _chunk_name(work_dir, "bands", chunk, "bin"),
+        np.concatenate(rows) if rows else np.zeros(0, BUCKET_ROW),
+    )
+    return sum(len(s) for s in sigs)
 
 
 def partition_stage(work_dir: str, chunk: int, partitions: int) -> None:
@@ -297,26 +346,30 @@ def run_staged_dedup(
     sync = barrier or (lambda: None)
     pool = ProcessPoolExecutor(staged.workers) if staged.workers > 1 else None
     try:
-        # Stage 1: at most 2 chunks per worker in flight, so texts never pile up in memory.
-        futures, chunk, buf, first = [], 0, [], 0
-        for text in texts:
-            buf.append(text)
-            if len(buf) == staged.chunk_docs:
-                if chunk % world == rank:
-                    futures.append(
-                        _submit(pool, signature_stage, staged, chunk, first, buf, config)
-                    )
-                    stats.max_docs_in_chunk = max(stats.max_docs_in_chunk, len(buf))
-                chunk, first, buf = chunk + 1, first + len(buf), []
-                if pool is not None and len(futures) >= 2 * staged.workers:
-                    futures.pop(0).result()
-        if buf or chunk == 0:
+        # Stage 1: the pool signs slices (a few per worker in flight, so texts never pile up
+        # and no worker idles while another finishes a whole chunk); this process files each
+        # of its chunks once the chunk's slices are back, in order.
+        inflight: list[tuple[int, bool, Future | _Done]] = []
+        parts: list[tuple[np.ndarray, np.ndarray]] = []
+
+        def collect() -> None:
+            chunk_index, last, future = inflight.pop(0)
+            parts.append(future.result())
+            if last:
+                held = write_chunk(str(work), chunk_index, parts)
+                stats.max_docs_in_chunk = max(stats.max_docs_in_chunk, held)
+                parts.clear()
+
+        chunk = first = 0
+        for chunk, first, buf, last in _slices(texts, staged.chunk_docs, _slice_docs(staged)):
             if chunk % world == rank:
-                futures.append(_submit(pool, signature_stage, staged, chunk, first, buf, config))
-                stats.max_docs_in_chunk = max(stats.max_docs_in_chunk, len(buf))
-            chunk, first = chunk + 1, first + len(buf)
-        for f in futures:
-            f.result()
+                inflight.append((chunk, last, _submit(pool, sign_texts, first, buf, config)))
+                if len(inflight) > 2 * staged.workers:
+                    collect()
+            first += len(buf)
+        while inflight:
+            collect()
+        chunk += 1
         stats.documents, stats.chunks = first, chunk
         sync()
         # Stage 2: as many key partitions as chunks, so that a partition holds about one
@@ -357,10 +410,38 @@ class _Done:
         return self.value
 
 
-def _submit(pool, fn, staged: StagedDedupConfig, *args):
+def _submit(pool, fn, *args):
     if pool is None:
-        return _Done(fn(staged.work_dir, *args))
-    return pool.submit(fn, staged.work_dir, *args)
+        return _Done(fn(*args))
+    return pool.submit(fn, *args)
+
+
+#: documents per signing task: large enough that a task's IPC (its texts out, ~1 KB of
+#: signature per document back) is a fraction of a percent of its MinHash work, small enough
+#: that a chunk is spread over every worker
+SLICE_DOCS = 1000
+
+
+def _slice_docs(staged: StagedDedupConfig) -> int:
+    return max(1, min(staged.chunk_docs, SLICE_DOCS))
+
+
+def _slices(texts: Iterable[str], chunk_docs: int, slice_docs: int):
+    """``(chunk, first document, texts, last slice of its chunk?)`` over a stream of texts;
+    slices never straddle chunks. An empty corpus is one empty chunk."""
+    chunk = doc = in_chunk = 0
+    buf: list[str] = []
+    for text in texts:
+        buf.append(text)
+        in_chunk += 1
+        if in_chunk == chunk_docs or len(buf) == slice_docs:
+            last = in_chunk == chunk_docs
+            yield chunk, doc, buf, last
+            doc, buf = doc + len(buf), []
+            if last:
+                chunk, in_chunk = chunk + 1, 0
+    if buf or doc == 0 or in_chunk:
+        yield chunk, doc, buf, True
 
 
 def _map(pool, fn, arglist):

@@ -19,7 +19,7 @@ multiprocessing workers can receive them under any start method.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import json
 import os
@@ -187,18 +187,26 @@ def _llama3_pieces(text: str) -> list[str]:
 
 
 def _load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    """``<base64 token> <rank>`` per line, validated (tiktoken's own loader trusts the file).
+
+    One read and ``binascii`` directly: this runs at every start of a preprocessing or training
+    job, and ``base64.b64decode(validate=True)`` (a regex per line) took ~0.2 s of a ~1 s
+    preprocessing run on 128k ranks.
+    """
+    text = path.read_text(encoding="utf-8")  # a binary file raises UnicodeDecodeError
     ranks: dict[bytes, int] = {}
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                token, rank = line.split()
-                ranks[base64.b64decode(token, validate=True)] = int(rank)
-            except ValueError:
-                raise UserError(
-                    f"{path}:{number}: not a tiktoken ranks file (expected '<base64> <rank>')"
-                ) from None
+    decode = binascii.a2b_base64
+    for number, line in enumerate(text.splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        try:
+            token, rank = fields
+            ranks[decode(token, strict_mode=True)] = int(rank)
+        except ValueError:  # binascii.Error is a ValueError
+            raise UserError(
+                f"{path}:{number}: not a tiktoken ranks file (expected '<base64> <rank>')"
+            ) from None
     if not ranks:
         raise UserError(f"{path}: empty tiktoken ranks file")
     return ranks

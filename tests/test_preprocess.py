@@ -355,3 +355,23 @@ def test_chunk_encoder_survives_pickling_for_spawned_workers(tmp_path, hf, sp, l
             assert [k.sequence_lengths.tolist() for k in a.keys] == [
                 k.sequence_lengths.tolist() for k in b.keys
             ]
+
+
+def test_small_inputs_are_cut_into_at_least_8_tasks_per_worker(tmp_path):
+    """--chunk-bytes is an upper bound: a 4 MB input on 2 workers is 16 tasks, not 4 (the run
+    would otherwise end on one busy worker); an explicit smaller value and 1 worker are kept."""
+    from megatron_cpt.data.preprocess import MIN_TASK_BYTES, PreprocessConfig, task_bytes
+
+    big = tmp_path / "big.jsonl"
+    big.write_bytes(b"x" * (4 << 20))
+    tiny = tmp_path / "tiny.jsonl"
+    tiny.write_bytes(b"x" * 1000)
+
+    def config(workers, chunk_bytes=1 << 20):
+        return PreprocessConfig([], "", "", "", workers=workers, chunk_bytes=chunk_bytes)
+
+    assert task_bytes(config(2), [big]) == (4 << 20) // 16
+    assert task_bytes(config(1), [big]) == 1 << 20
+    assert task_bytes(config(2, chunk_bytes=4096), [big]) == 4096
+    assert task_bytes(config(2), [tiny]) == MIN_TASK_BYTES
+    assert task_bytes(config(2), [big, big, big, big, big]) == 1 << 20

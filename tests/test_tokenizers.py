@@ -198,3 +198,23 @@ def test_wrong_file_kind_is_user_error(sp_model, llama3_tokenizer_model, tmp_pat
     junk.write_text("{not json")
     with pytest.raises(UserError, match="not a tokenizer.json"):
         HuggingFaceTokenizer(junk)
+
+
+def test_tiktoken_ranks_equal_tiktokens_own_loader_and_bad_lines_are_named(
+    llama3_tokenizer_model, tmp_path
+):
+    """Our validating ranks loader (binascii, one read) gives tiktoken's own loader's dict on the
+    real Llama-3 file, and names the line of a malformed entry."""
+    from tiktoken.load import load_tiktoken_bpe
+
+    from megatron_cpt.tokenizers import _load_tiktoken_ranks
+
+    ranks = _load_tiktoken_ranks(Path(llama3_tokenizer_model))
+    assert len(ranks) == 128000
+    assert ranks == load_tiktoken_bpe(str(llama3_tokenizer_model))
+    good = Path(llama3_tokenizer_model).read_text().splitlines()[:3]
+    for bad in ("IQ== 3 extra", "!!!! 3", "IQ== three", "IQ="):
+        path = tmp_path / "tokenizer.model"
+        path.write_text("\n".join([*good, bad, *good]) + "\n")
+        with pytest.raises(UserError, match=r"tokenizer.model:4: not a tiktoken ranks file"):
+            _load_tiktoken_ranks(path)

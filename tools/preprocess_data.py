@@ -63,7 +63,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-interval", type=int, default=10000, help="documents between progress lines"
     )
     g.add_argument(
-        "--chunk-bytes", type=int, default=1 << 20, help="raw input bytes per worker task"
+        "--chunk-bytes",
+        type=int,
+        default=1 << 20,
+        help="raw input bytes per worker task, at most (a small input is cut finer, down to "
+        "64 KiB, so that every worker gets 8 tasks)",
     )
     g.add_argument(
         "--partitions",

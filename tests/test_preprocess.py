@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from megatron_cpt.data.preprocess import PreprocessConfig, output_prefixes, run_
 from megatron_cpt.data.sentences import SentenceSplitter, SentenceSplitterConfig
 from megatron_cpt.tokenizers import build_tokenizer
 
+REPO = Path(__file__).resolve().parent.parent
 REAL_FILES = (
     "domain/annual_reports.jsonl",
     "domain/sec_agreements.jsonl",
@@ -375,3 +378,55 @@ def test_small_inputs_are_cut_into_at_least_8_tasks_per_worker(tmp_path):
     assert task_bytes(config(2, chunk_bytes=4096), [big]) == 4096
     assert task_bytes(config(2), [tiny]) == MIN_TASK_BYTES
     assert task_bytes(config(2), [big, big, big, big, big]) == 1 << 20
+
+
+_RAYON_SCRIPT = r"""
+import json, os, sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from megatron_cpt.data.jsonl import read_texts
+from megatron_cpt.data.preprocess import map_ordered
+from megatron_cpt.tokenizers import build_tokenizer
+
+tok = build_tokenizer("HuggingFaceTokenizer", sys.argv[2])
+texts = [t for _, t in read_texts(sys.argv[3])][:60]
+
+def encode(part):  # runs in a worker: what it tokenized with, and the ids
+    ids = tok.encode_batch(part)
+    threads = len(os.listdir("/proc/self/task"))
+    return os.environ.get("TOKENIZERS_PARALLELISM"), os.environ.get("RAYON_NUM_THREADS"), threads, ids
+
+parts = [texts[i : i + 20] for i in range(0, len(texts), 20)]
+clean = list(map_ordered(encode, parts, workers=2))
+tok.backend.encode_batch_fast(texts)  # the parent now runs rayon's pool (default threads)
+after = list(map_ordered(encode, parts, workers=2))
+print(json.dumps({"clean": clean, "after": after, "serial": tok.encode_batch(texts)}))
+"""
+
+
+def test_hf_workers_use_a_one_thread_rayon_pool_only_where_it_is_safe(
+    smollm2_gguf, shared_data, tmp_path
+):
+    """In a fresh process the workers take tokenizers' rayon path with one thread (~1.3x the
+    tokens per CPU-second of its serial path); once the parent has run rayon's pool, forked
+    workers stay serial (a pool without threads would hang) -- and the ids are the same."""
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TOKENIZERS_PARALLELISM",)}
+    src = shared_data / "domain" / "annual_reports.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "-c", _RAYON_SCRIPT, str(REPO), str(smollm2_gguf), str(src)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,  # a rayon pool inherited without threads would wait forever
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    ids = [x for part in out["clean"] for x in part[3]]
+    assert ids == out["serial"] == [x for part in out["after"] for x in part[3]]
+    for setting, threads, workers_threads, _ in out["clean"]:
+        assert (setting, threads) == ("true", "1")
+        assert workers_threads == 2  # the worker and one rayon thread
+    for _, _, workers_threads, _ in out["after"]:
+        assert workers_threads == 1  # serial: no rayon thread started in the child

@@ -7,6 +7,7 @@ import json
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from megatron_cpt.errors import UserError
@@ -94,6 +95,12 @@ def test_llama3_matches_meta_reference(llama3, llama3_tokenizer_model, shared_da
     ]
     for text, ids in zip(texts, expected):
         assert llama3.decode(ids) == meta.decode(ids) == text
+    # the shard writer's path (tiktoken's numpy buffer), with and without long runs
+    short = texts[: -len(long_runs) - 1]
+    for batch, want in ((short, expected[: len(short)]), (texts, expected)):
+        flat, lengths = llama3.encode_batch_flat(batch, np.int32)
+        assert flat.dtype == np.int32 and lengths.tolist() == [len(x) for x in want]
+        assert flat.tolist() == [i for x in want for i in x]
 
 
 def test_llama3_threads_do_not_change_ids(llama3_tokenizer_model, shared_data):

@@ -188,9 +188,10 @@ class ChunkEncoder:
         else:
             sequences = kept
             per_doc = np.ones(len(kept), np.int64)
-        ids = self.tokenizer.encode_batch(sequences) if sequences else []
-        lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
-        flat = np.fromiter(chain.from_iterable(ids), self.dtype, count=int(lengths.sum()))
+        if sequences:
+            flat, lengths = self.tokenizer.encode_batch_flat(sequences, self.dtype)
+        else:
+            flat, lengths = np.zeros(0, self.dtype), np.zeros(0, np.int64)
         nonzero = lengths > 0
         if not nonzero.all():
             # Megatron-LM drops sentences that tokenize to nothing; a document left with no

@@ -95,9 +95,6 @@ def _lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
     return lsh.b, lsh.r
 
 
-_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
 def _mix64(x: np.ndarray) -> np.ndarray:
     """splitmix64's finaliser, elementwise (a bijection on 64 bits; uint64 arrays wrap)."""
     x = x ^ (x >> np.uint64(30))

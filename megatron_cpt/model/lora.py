@@ -159,6 +159,7 @@ def apply_lora(model, settings: LoraSettings, seed: int = 0) -> dict:
     for param in model.parameters():
         param.requires_grad = False
     from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
 
     tp_rank = ps.get_tensor_model_parallel_rank()
     tp_size = ps.get_tensor_model_parallel_world_size()
@@ -183,6 +184,17 @@ def apply_lora(model, settings: LoraSettings, seed: int = 0) -> dict:
         module.lora_B = torch.nn.Parameter(
             torch.zeros(out_local, settings.rank, device=device, dtype=dtype)
         )
+        # Tell megatron-core which adapter is a TP shard (like its weight) and which is the same
+        # on every TP rank: the grad norm counts a replicated parameter on TP rank 0 only and a
+        # shard on every rank. Without this both adapters read as replicated, TP rank 1 had no
+        # gradient to count, and at TP=2 the ranks' norm all-reduces did not even match.
+        sharded, replicated = (
+            (module.lora_B, module.lora_A) if kind == "column" else (module.lora_A, module.lora_B)
+        )
+        tensor_parallel.set_tensor_model_parallel_attributes(
+            sharded, is_parallel=True, dim=0 if kind == "column" else 1, stride=1
+        )
+        tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(replicated)
         module.lora_kind = kind
         module.lora_scale = settings.scale
         module.lora_dropout = torch.nn.Dropout(settings.dropout)

@@ -105,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
     dd.add_argument("--dedup-shingle-size", type=int, default=DedupConfig.shingle_size)
     dd.add_argument("--dedup-num-perm", type=int, default=DedupConfig.num_perm)
     dd.add_argument(
-        "--dedup-workers", type=int, default=1, help="processes computing MinHash signatures"
+        "--dedup-workers",
+        type=int,
+        default=1,
+        help="processes for the parallel dedup stages (MinHash signatures, band partitions, candidate "
+        "pairs)",
     )
     dd.add_argument(
         "--dedup-chunk",

@@ -140,28 +140,17 @@ class Pipeline:
         return True
 
     def stage(self, name: str, params: dict, check, run) -> None:
-        key = json.dumps(params, sort_keys=True, default=str)
-        if self._up_to_date(name, key, check):
-            return
-        print(f"[{name}] running", flush=True)
-        start = time.perf_counter()
-        self.state.pop(name, None)
-        self._save_state()
-        run()
-        check()
-        self.timings[name] = time.perf_counter() - start
-        self.state[name] = key
-        self._save_state()
-        self.rerun_rest = True  # everything downstream depends on this output
-        print(f"[{name}] done in {self.timings[name]:.0f} s", flush=True)
+        """One stage: skipped when up to date, else run, checked and recorded."""
+        self.stages([(name, params, check, lambda _threads: run())])
 
     def stages(self, specs: list[tuple[str, dict, object, object]]) -> None:
         """Independent stages run at once, each ``run(threads)`` given an equal share of the
-        cores. For the three evaluations: one evaluation does not keep 2 threads busy (small
-        matmuls, generation one token at a time); in the default demo the three at 1 thread
-        each on 2 cores took 438 s against 563 s one after another, with identical results
-        (README). Bookkeeping is :meth:`stage`'s: skipped when up to date, recorded when done; a
-        failure is raised once every stage has finished, and the finished ones stay recorded."""
+        cores (one stage runs in this thread). For the three evaluations: one evaluation does
+        not keep 2 threads busy (small matmuls, generation one token at a time); in the default
+        demo the three at 1 thread each on 2 cores took 438 s against 563 s one after another,
+        with identical results (README). A stage is skipped when up to date and recorded when
+        done; with several, a failure is raised once every stage has finished, and the finished
+        ones stay recorded."""
         todo = []
         for name, params, check, run in specs:
             key = json.dumps(params, sort_keys=True, default=str)
@@ -173,29 +162,36 @@ class Pipeline:
         for name, *_ in todo:
             self.state.pop(name, None)
         self._save_state()
-        print(f"[{', '.join(t[0] for t in todo)}] running at once, {threads} thread(s) each",
-              flush=True)  # fmt: skip
 
         def one(job) -> float:
-            name, _, check, run = job
+            _, _, check, run = job
             start = time.perf_counter()
             run(threads)
             check()
             return time.perf_counter() - start
 
+        def record(name: str, key: str, seconds: float) -> None:
+            self.timings[name] = seconds
+            self.state[name] = key
+            self._save_state()
+            print(f"[{name}] done in {seconds:.0f} s", flush=True)
+
+        self.rerun_rest = True  # everything downstream depends on these outputs
+        if len(todo) == 1:
+            name, key, *_ = todo[0]
+            print(f"[{name}] running", flush=True)
+            record(name, key, one(todo[0]))
+            return
+        print(f"[{', '.join(t[0] for t in todo)}] running at once, {threads} thread(s) each",
+              flush=True)  # fmt: skip
         errors = []
         with ThreadPoolExecutor(len(todo)) as pool:
             futures = [pool.submit(one, job) for job in todo]
             for (name, key, _, _), future in zip(todo, futures):
                 try:
-                    self.timings[name] = future.result()
+                    record(name, key, future.result())
                 except Exception as exc:  # the others finish and are recorded first
                     errors.append(exc)
-                    continue
-                self.state[name] = key
-                self._save_state()
-                print(f"[{name}] done in {self.timings[name]:.0f} s", flush=True)
-        self.rerun_rest = True
         if errors:
             raise errors[0]
 
@@ -307,12 +303,7 @@ class Pipeline:
         )  # fmt: skip
 
         cpt_hf = self.path("cpt_hf")
-        self.stage(
-            "cpt_hf", {}, lambda: self.check_hf(cpt_hf),
-            lambda: self.tool("convert_checkpoint.py", "mcore-to-hf", "--load",
-                              cpt / "checkpoints", "--out", cpt_hf, "--tokenizer-from", base_hf,
-                              "--overwrite", log="cpt_hf"),
-        )  # fmt: skip
+        self._export_stage("cpt_hf", cpt / "checkpoints", cpt_hf, base_hf)
 
         merged_hf = self.path("merged_hf")
         merge_keys = ("merge_method", "merge_density", "merge_weight")
@@ -451,13 +442,16 @@ class Pipeline:
                     "device")  # fmt: skip
         self.stage("sft", {k: c.params()[k] for k in sft_keys},
                    lambda: self.check_checkpoint(sft / "checkpoints"), train)  # fmt: skip
-        self.stage(
-            "sft_hf", {}, lambda: self.check_hf(sft_hf),
-            lambda: self.tool("convert_checkpoint.py", "mcore-to-hf", "--load",
-                              sft / "checkpoints", "--out", sft_hf, "--tokenizer-from", base_hf,
-                              "--overwrite", log="sft_hf"),
-        )  # fmt: skip
+        self._export_stage("sft_hf", sft / "checkpoints", sft_hf, base_hf)
         return sft_hf
+
+    def _export_stage(self, name: str, checkpoints: Path, out: Path, base_hf: Path) -> None:
+        """A trained checkpoint -> HF safetensors, with the base's tokenizer (``mcore-to-hf``)."""
+        self.stage(
+            name, {}, lambda: self.check_hf(out),
+            lambda: self.tool("convert_checkpoint.py", "mcore-to-hf", "--load", checkpoints,
+                              "--out", out, "--tokenizer-from", base_hf, "--overwrite", log=name),
+        )  # fmt: skip
 
     def _merge(self, base_hf: Path, cpt_hf: Path, merged_hf: Path) -> None:
         import yaml

@@ -53,7 +53,8 @@ class Tokenizer:
 
     def encode_batch_flat(self, texts: list[str], dtype) -> tuple[np.ndarray, np.ndarray]:
         """Every text's ids end to end in ``dtype``, and each text's id count (int64): what a
-        shard writer wants, without a Python list per text where the library can avoid it."""
+        shard writer wants. (tiktoken's ``encode_to_numpy`` was measured here and was not
+        faster: bench/tokenizer_paths.py.)"""
         ids = self.encode_batch(texts)
         lengths = np.fromiter(map(len, ids), np.int64, count=len(ids))
         flat = np.fromiter(chain.from_iterable(ids), dtype, count=int(lengths.sum()))
@@ -279,22 +280,6 @@ class Llama3Tokenizer(Tokenizer):
         for owner, ids in zip(owners, self._encode_pieces(pieces)):
             out[owner].extend(ids)
         return out
-
-    def encode_batch_flat(self, texts: list[str], dtype) -> tuple[np.ndarray, np.ndarray]:
-        # tiktoken's encode_to_numpy hands over the Rust buffer: no Python int per id (~1.16x
-        # the encode + flatten rate of encode_ordinary + np.fromiter, same ids). With no
-        # disallowed specials it is encode_ordinary: special-token text is ordinary text.
-        if self.num_threads > 1 or any(len(t) > MAX_NO_WHITESPACES_CHARS for t in texts):
-            return super().encode_batch_flat(texts, dtype)
-        encode = self.model.encode_to_numpy
-        try:
-            arrays = [encode(t, disallowed_special=()) for t in texts]
-        except UnicodeEncodeError:  # lone surrogates: encode_ordinary's replacement fallback
-            return super().encode_batch_flat(texts, dtype)
-        lengths = np.fromiter(map(len, arrays), np.int64, count=len(arrays))
-        if not arrays:
-            return np.zeros(0, dtype), lengths
-        return np.concatenate(arrays).astype(dtype, copy=False), lengths
 
     def _encode_pieces(self, pieces: list[str]) -> list[list[int]]:
         if self.num_threads > 1:

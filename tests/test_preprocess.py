@@ -407,9 +407,10 @@ print(json.dumps({"clean": clean, "after": after, "serial": tok.encode_batch(tex
 def test_hf_workers_use_a_one_thread_rayon_pool_only_where_it_is_safe(
     smollm2_gguf, shared_data, tmp_path
 ):
-    """In a fresh process the workers take tokenizers' rayon path with one thread (~1.3x the
-    tokens per CPU-second of its serial path); once the parent has run rayon's pool, forked
-    workers stay serial (a pool without threads would hang) -- and the ids are the same."""
+    """In a fresh process the workers take tokenizers' rayon path with one thread (1.11-1.28x
+    the tokens per CPU-second of its serial path, bench/tokenizer_paths.py); once the parent
+    has run rayon's pool, forked workers stay serial (a pool without threads would hang) -- and
+    the ids are the same."""
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k not in ("TOKENIZERS_PARALLELISM",)}

@@ -95,7 +95,7 @@ def test_llama3_matches_meta_reference(llama3, llama3_tokenizer_model, shared_da
     ]
     for text, ids in zip(texts, expected):
         assert llama3.decode(ids) == meta.decode(ids) == text
-    # the shard writer's path (tiktoken's numpy buffer), with and without long runs
+    # the shard writer's path (one flat array), with and without long runs
     short = texts[: -len(long_runs) - 1]
     for batch, want in ((short, expected[: len(short)]), (texts, expected)):
         flat, lengths = llama3.encode_batch_flat(batch, np.int32)

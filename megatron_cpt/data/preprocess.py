@@ -268,9 +268,9 @@ def _c_getenv(name: str) -> str | None:
 def _one_tokenizer_thread(rayon_allowed: bool) -> None:
     """One tokenizer thread per worker, on the faster of HF ``tokenizers``' two paths.
 
-    ``encode_batch_fast`` runs ~1.3x more tokens per CPU-second through its rayon path with one
-    thread (``TOKENIZERS_PARALLELISM=true``, ``RAYON_NUM_THREADS=1``) than through its serial
-    path (``TOKENIZERS_PARALLELISM=false``): bench/preprocess.py. Rayon is only safe in a child
+    ``encode_batch_fast`` runs 1.11-1.28x more tokens per CPU-second through its rayon path
+    with one thread (``TOKENIZERS_PARALLELISM=true``, ``RAYON_NUM_THREADS=1``) than through its
+    serial path (``TOKENIZERS_PARALLELISM=false``): bench/tokenizer_paths.py. Rayon is only safe in a child
     whose parent never started rayon threads (they do not survive ``fork``, and a pool without
     threads waits forever). ``rayon_allowed`` says the parent forked with the variable unset;
     then ``tokenizers``' own fork hook marks a child whose parent had used parallelism (an
